@@ -1,0 +1,111 @@
+"""CompVis checkpoints to diffusers models, through diffusers' own single-file converters."""
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.util import UsageError
+
+
+def _original_config(config):
+    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+
+
+def pixel_size(config):
+    """Image side in pixels implied by a CompVis config (latent size times the VAE's downsampling)."""
+    params = _original_config(config)["model"]["params"]
+    return params["image_size"] * 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+
+
+def convert_unet(state_dict, config):
+    """A diffusers ``UNet2DConditionModel`` holding the CompVis UNet weights of ``state_dict``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    original = _original_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # image_size is deprecated there but still needed
+        unet_config = create_unet_diffusers_config_from_ldm(original, state_dict, image_size=pixel_size(original))
+    weights = convert_ldm_unet_checkpoint(state_dict, unet_config)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(weights, strict=True, assign=True)
+    return unet
+
+
+def convert_vae(state_dict, config):
+    """A diffusers ``AutoencoderKL`` holding the CompVis first stage of ``state_dict``."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    original = _original_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        vae_config = create_vae_diffusers_config_from_ldm(original, state_dict, image_size=pixel_size(original))
+    weights = convert_ldm_vae_checkpoint(state_dict, vae_config)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(weights, strict=True, assign=True)
+    return vae
+
+
+def convert_text_encoder(state_dict, text_config):
+    """A transformers ``CLIPTextModel`` holding ``cond_stage_model.transformer.*`` of ``state_dict``."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextModel
+    text_encoder = CLIPTextModel(text_config)
+    weights = convert_ldm_clip_checkpoint(state_dict)
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5 has no `text_model.` level
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    missing, unexpected = text_encoder.load_state_dict(weights, strict=False)
+    stray = [k for k in (*missing, *unexpected) if not k.endswith("position_ids")]
+    if stray:
+        raise UsageError(f"text encoder weights do not match its config: {stray[:3]}")
+    return text_encoder
+
+
+def ddim_scheduler(config):
+    """The diffusers ``DDIMScheduler`` matching the config's DDPM schedule and this project's sampler."""
+    from diffusers import DDIMScheduler
+    params = _original_config(config)["model"]["params"]
+    if params.get("beta_schedule", "linear") != "linear":
+        raise UsageError("only the 'linear' (scaled_linear in diffusers) beta schedule converts to diffusers")
+    return DDIMScheduler(num_train_timesteps=params.get("timesteps", 1000), beta_start=params["linear_start"],
+                         beta_end=params["linear_end"], beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def to_diffusers_pipeline(model, config):
+    """A ``StableDiffusionPipeline`` (no safety checker) with ``model``'s weights."""
+    from diffusers import StableDiffusionPipeline
+    if not isinstance(model.cond_stage_model, FrozenCLIPEmbedder):
+        raise UsageError("only models with a FrozenCLIPEmbedder text encoder convert to a StableDiffusionPipeline")
+    state_dict = model.state_dict()
+    return StableDiffusionPipeline(
+        vae=convert_vae(state_dict, config), text_encoder=convert_text_encoder(
+            state_dict, model.cond_stage_model.transformer.config),
+        tokenizer=model.cond_stage_model.tokenizer, unet=convert_unet(state_dict, config),
+        scheduler=ddim_scheduler(config), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_diffusers(model, config, out_dir, unet_only=False, overwrite=False):
+    """Write ``model`` as a diffusers pipeline folder (or its UNet alone) atomically to ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"'{out_dir}' already exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if unet_only:
+            convert_unet(model.state_dict(), config).save_pretrained(tmp)
+        else:
+            to_diffusers_pipeline(model, config).save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,171 @@
+"""Config instantiation and safe checkpoint loading, the one way every script builds a model."""
+import fnmatch
+import importlib
+import zipfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad file, flag or config); scripts print it as one line."""
+
+
+def get_obj_from_str(string, reload=False):
+    """Import ``package.module.Name`` and return ``Name``."""
+    module, cls = string.rsplit(".", 1)
+    mod = importlib.import_module(module)
+    if reload:
+        mod = importlib.reload(mod)
+    return getattr(mod, cls)
+
+
+def instantiate_from_config(config):
+    """Build ``config.target(**config.params)``, the CompVis convention (``__is_first_stage__`` and
+    ``__is_unconditional__`` are the placeholders CompVis handles elsewhere and give None)."""
+    if "target" not in config:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise UsageError(f"config entry has no 'target:' key: {OmegaConf.to_yaml(config) if OmegaConf.is_config(config) else config}")
+    try:
+        target = get_obj_from_str(config["target"])
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UsageError(f"config target '{config['target']}' cannot be imported ({error}); "
+                         "check the target: line of the config") from None
+    params = config.get("params", dict()) or dict()
+    return target(**params)
+
+
+def count_params(model):
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_config(path):
+    """Load a YAML config; a missing or malformed file is a UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file '{path}' not found")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as error:  # omegaconf raises yaml's many error types
+        raise UsageError(f"config file '{path}' is not valid YAML: {error}") from None
+    if "model" not in config:
+        raise UsageError(f"config file '{path}' has no 'model:' section; expected a CompVis model config")
+    return config
+
+
+def _stub_class(qualified_name):
+    """A stand-in for a pickled class that must not be imported: records constructor args and state."""
+    module, _, name = qualified_name.rpartition(".")
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    return type(name, (), {"__module__": module, "__init__": __init__, "__setstate__": __setstate__,
+                           "__reduce_placeholder__": qualified_name})
+
+
+def load_checkpoint_file(path, unsafe_pickle=False):
+    """Read a ``.safetensors`` file or a CompVis/Lightning ``.ckpt`` and return its raw contents.
+
+    ``.ckpt`` files load with ``torch.load(weights_only=True)``. Lightning checkpoints also pickle
+    classes (callbacks, numpy scalars) that this refuses; those are replaced by inert stand-ins, so no
+    code from the file runs. ``unsafe_pickle=True`` allows full unpickling, for files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint '{path}' not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise UsageError(f"'{path}' is not a valid safetensors file ({error})") from None
+    if unsafe_pickle:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise UsageError(f"'{path}' could not be read as a PyTorch checkpoint ({error})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first_error:
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"'{path}' is not a PyTorch checkpoint or a safetensors file "
+                             f"({str(first_error).splitlines()[0]})") from None
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        stubs = [(_stub_class(name), name) for name in unsafe]
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"'{path}' could not be loaded safely ({str(error).splitlines()[0]}); if you trust the "
+                         "file, pass --unsafe_pickle to unpickle it fully") from None
+
+
+def state_dict_from_checkpoint(checkpoint):
+    """The model state dict inside a loaded checkpoint (Lightning ``state_dict`` or a flat dict)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UsageError("the file holds no state dict of tensors; expected a CompVis checkpoint")
+    return checkpoint
+
+
+# Keys a CompVis checkpoint may hold that the model has no use for at inference or fine-tuning:
+# the EMA copy (its config says use_ema: False), the autoencoder's training losses, and buffers that
+# newer library versions no longer persist.
+IGNORED_CHECKPOINT_KEYS = (
+    "model_ema.*",
+    "first_stage_model.loss.*",
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "lvlb_weights",
+)
+
+
+def _is_ignored(key, ignored):
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in ignored)
+
+
+def load_state_dict_strict(model, state_dict, ignored=IGNORED_CHECKPOINT_KEYS, source="checkpoint"):
+    """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key is a UsageError.
+
+    Keys matching ``ignored`` (shell-style patterns) are skipped on purpose; nothing else is, so a
+    checkpoint that does not fit its config can never silently leave initial weights in place.
+    """
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not _is_ignored(k, ignored)}
+    missing = [k for k in own if k not in state_dict and not _is_ignored(k, ignored)]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(own[k].shape)} in model"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (first: {'; '.join(mismatched[:3])})")
+    if missing:
+        problems.append(f"{len(missing)} keys missing (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    if problems:
+        raise UsageError(f"{source} does not match the config: {'; '.join(problems)}. "
+                         "Use the config the checkpoint was trained with")
+    model.load_state_dict(state_dict, strict=False)  # strictness was checked above, ignored keys aside
+    return model
+
+
+def load_model_from_config(config, ckpt=None, device="cpu", unsafe_pickle=False):
+    """Instantiate ``config.model`` and load ``ckpt`` into it strictly; return the model in eval mode.
+
+    ``config`` is a path or a loaded OmegaConf config; ``ckpt`` a ``.ckpt``/``.safetensors`` file or None.
+    """
+    if not OmegaConf.is_config(config):
+        config = load_config(config)
+    model = instantiate_from_config(config.model)
+    if ckpt is not None:
+        state_dict = state_dict_from_checkpoint(load_checkpoint_file(ckpt, unsafe_pickle=unsafe_pickle))
+        load_state_dict_strict(model, state_dict, source=f"checkpoint '{ckpt}'")
+    return model.to(device).eval()
