@@ -48,11 +48,12 @@ def ddim_step(x, eps, alpha_t, alpha_prev, sigma_t, noise=None):
 
 
 def ddim_sample(model, x_T, cond, uncond=None, guidance_scale=1.0, num_steps=50, eta=0.0, till_T=None,
-                log_every_t=None, progress=False):
+                log_every_t=None, progress=False, callback=None):
     """Sample from ``x_T`` with ``num_steps`` DDIM steps; with ``till_T=k`` stop after k steps.
 
     Returns ``(x, intermediates)`` where intermediates holds the ``x_inter`` and ``pred_x0`` lists logged
-    every ``log_every_t`` steps (and the last one) when ``log_every_t`` is set.
+    every ``log_every_t`` steps (and the last one) when ``log_every_t`` is set. ``callback(i)`` runs
+    after step i, as in CompVis.
     """
     timesteps = make_ddim_timesteps(num_steps, model.num_timesteps)
     alphas, alphas_prev, sigmas = make_ddim_sampling_parameters(
@@ -70,6 +71,8 @@ def ddim_sample(model, x_T, cond, uncond=None, guidance_scale=1.0, num_steps=50,
         if log_every_t and (index % log_every_t == 0 or i == total - 1):
             intermediates["x_inter"].append(x)
             intermediates["pred_x0"].append(pred_x0)
+        if callback is not None:
+            callback(i)
     return x, intermediates
 
 
@@ -96,7 +99,8 @@ class DDIMSampler:
 
         ``till_T=k`` stops after k of the S steps and returns that ``x_t`` (ESD's partial sampling).
         """
-        used = {k for k, v in unsupported.items() if v not in (None, False, 0.0, 1.0)}
+        used = {k for k, v in unsupported.items()
+                if v is not None and not (isinstance(v, (bool, int, float)) and v in (0.0, 1.0))}
         if used:
             raise ValueError(f"DDIMSampler.sample: options not supported: {', '.join(sorted(used))}")
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
@@ -104,4 +108,5 @@ class DDIMSampler:
         if x_T is None:
             x_T = torch.randn((batch_size, *shape), generator=generator, device=device)
         return ddim_sample(self.model, x_T, conditioning, unconditional_conditioning, unconditional_guidance_scale,
-                           num_steps=S, eta=eta, till_T=till_T, log_every_t=log_every_t, progress=verbose)
+                           num_steps=S, eta=eta, till_T=till_T, log_every_t=log_every_t, progress=verbose,
+                           callback=callback)

@@ -1,0 +1,121 @@
+"""Behaviour of the ldm pieces the erasure methods build on: sampling, checkpointing, training."""
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from ldm.lr_scheduler import LambdaLinearScheduler
+from ldm.models.diffusion.ddim import DDIMSampler, cfg_denoise, ddim_sample, make_ddim_timesteps
+from ldm.util import instantiate_from_config
+
+from conftest import randomize_
+
+
+def test_ddim_timesteps_match_compvis_and_diffusers():
+    assert make_ddim_timesteps(50).tolist() == list(range(1, 1000, 20))
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(steps_offset=1)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps.flip(0).tolist() == make_ddim_timesteps(20).tolist()
+
+
+def test_partial_sampling_returns_the_trajectory_state(small_model):
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = small_model.get_learned_conditioning(["a yellow heart"])
+    uncond = small_model.get_learned_conditioning([""])
+    with torch.no_grad():
+        _, full = ddim_sample(small_model, x_T, cond, uncond, 3.0, num_steps=10, log_every_t=1)
+        for k in (0, 1, 4, 10):
+            x_k, _ = ddim_sample(small_model, x_T, cond, uncond, 3.0, num_steps=10, till_T=k)
+            assert torch.allclose(x_k, full["x_inter"][k], atol=1e-6)
+    with pytest.raises(ValueError, match="till_T must be in 0..10"):
+        ddim_sample(small_model, x_T, cond, num_steps=10, till_T=11)
+
+
+def test_batched_guidance_equals_two_forwards(small_model):
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 700])
+    cond = small_model.get_learned_conditioning(["a star", "a cross"])
+    uncond = small_model.get_learned_conditioning(["", ""])
+    with torch.no_grad():
+        batched = cfg_denoise(small_model, x, t, cond, uncond, 7.5)
+        e_c, e_u = small_model.apply_model(x, t, cond), small_model.apply_model(x, t, uncond)
+    assert torch.allclose(batched, e_u + 7.5 * (e_c - e_u), atol=1e-5)
+
+
+def test_sampler_rejects_options_it_does_not_implement(small_model):
+    with pytest.raises(ValueError, match="not supported: mask"):
+        DDIMSampler(small_model).sample(S=2, batch_size=1, shape=(4, 8, 8), mask=torch.ones(1))
+
+
+def _saved_bytes(unet, x, t, context):
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = unet(x, t, context=context)
+    return total, out
+
+
+def test_gradient_checkpointing_saves_activation_memory(small_config):
+    params = OmegaConf.to_container(small_config.model.params.unet_config.params)
+    unets = {}
+    for flag in (False, True):
+        params["use_checkpoint"] = flag
+        unets[flag] = randomize_(instantiate_from_config({"target": small_config.model.params.unet_config.target,
+                                                          "params": params}), seed=0).train()
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 64)
+    plain_bytes, plain_out = _saved_bytes(unets[False], x, t, context)
+    ckpt_bytes, ckpt_out = _saved_bytes(unets[True], x, t, context)
+    assert ckpt_bytes < 0.5 * plain_bytes
+    plain_out.square().mean().backward()
+    ckpt_out.square().mean().backward()
+    for (name, p), q in zip(unets[False].named_parameters(), unets[True].parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+class _Captions(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        generator = torch.Generator().manual_seed(i)
+        return {"jpg": torch.rand(64, 64, 3, generator=generator) * 2 - 1, "txt": ["a red star", ""][i % 2]}
+
+
+def test_lightning_trains_only_the_unet(small_config, tmp_path):
+    config = OmegaConf.merge(small_config, {"model": {"params": {"scale_by_std": True, "use_ema": True}}})
+    model = randomize_(instantiate_from_config(config.model), seed=2)
+    model.learning_rate = 1e-3
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("model.")}
+    unet_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, torch.utils.data.DataLoader(_Captions(), batch_size=2))
+    state = model.state_dict()
+    assert float(state["scale_factor"]) != 1.0  # computed from the first batch, stored as a buffer
+    assert any(not torch.equal(unet_before[k], v) for k, v in model.model.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in frozen.items() if not k.startswith(("model_ema.", "scale_factor")))
+    assert int(state["model_ema.num_updates"]) == 2
+
+
+def test_lambda_linear_scheduler_warms_up():
+    schedule = LambdaLinearScheduler(warm_up_steps=[10], f_min=[1.0], f_max=[1.0], f_start=[1e-6],
+                                     cycle_lengths=[10**13])
+    assert schedule(0) == pytest.approx(1e-6)
+    assert schedule(5) == pytest.approx(0.5, rel=1e-3)
+    assert schedule(100) == pytest.approx(1.0)
+
+
+def test_benchmark_helpers_measure_real_allocations():
+    from ldm.benchmark import peak_memory, time_interleaved
+    cpu = torch.device("cpu")
+    small = peak_memory(lambda: torch.ones(1024, 1024).sum(), cpu)  # 4 MiB
+    large = peak_memory(lambda: torch.ones(64, 1024, 1024).sum(), cpu)  # 256 MiB
+    assert 200 * 2**20 < large < 400 * 2**20 and small < 64 * 2**20
+    times = time_interleaved({"a": lambda: torch.ones(10).sum()}, cpu, iters=3, warmup=1)
+    assert 0 < times["a"] < 1
