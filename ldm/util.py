@@ -1,6 +1,8 @@
 """Config instantiation and safe checkpoint loading, the one way every script builds a model."""
 import fnmatch
 import importlib
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -169,3 +171,19 @@ def load_model_from_config(config, ckpt=None, device="cpu", unsafe_pickle=False)
         state_dict = state_dict_from_checkpoint(load_checkpoint_file(ckpt, unsafe_pickle=unsafe_pickle))
         load_state_dict_strict(model, state_dict, source=f"checkpoint '{ckpt}'")
     return model.to(device).eval()
+
+
+def atomic_save(obj, path):
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -245,12 +245,19 @@ class LatentDiffusion(DDPM):
         return self.model(x_noisy, t, **cond)
 
     def get_input(self, batch, k):
-        """Latents and raw conditioning from a batch whose images are channels-last in [-1, 1]."""
-        x = batch[k]
-        if x.dim() == 3:
-            x = x[..., None]
-        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format).float()
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        """Latents and raw conditioning from a batch whose images are channels-last in [-1, 1].
+
+        A batch may instead carry ``first_stage_moments`` (the frozen encoder's output for its images,
+        computed once for a fixed data set); the latent is then sampled from them, skipping the encoder.
+        """
+        if "first_stage_moments" in batch:
+            posterior = DiagonalGaussianDistribution(batch["first_stage_moments"].float())
+        else:
+            x = batch[k]
+            if x.dim() == 3:
+                x = x[..., None]
+            posterior = self.encode_first_stage(x.permute(0, 3, 1, 2).contiguous().float())
+        z = self.get_first_stage_encoding(posterior).detach()
         c = batch[self.cond_stage_key] if self.model.conditioning_key is not None else None
         return z, c
 
@@ -278,10 +285,8 @@ class LatentDiffusion(DDPM):
     def on_train_batch_start(self, batch, batch_idx):
         # CompVis' scale_by_std: set scale_factor = 1 / std of the first batch's latents, once.
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self.restarted_from_ckpt:
-            x = batch[self.first_stage_key]
-            x = (x[..., None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float().to(self.device)
-            z = self.encode_first_stage(x)
-            z = z.sample() if isinstance(z, DiagonalGaussianDistribution) else z
+            self.scale_factor = torch.ones_like(torch.as_tensor(self.scale_factor))
+            z, _ = self.get_input(batch, self.first_stage_key)
             self.scale_factor = 1.0 / z.flatten().std()
 
     def training_step(self, batch, batch_idx):

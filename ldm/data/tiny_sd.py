@@ -1,0 +1,57 @@
+"""Datasets of the concept world for training tiny-sd and its evaluator (CompVis batch layout)."""
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ldm.data.concepts import ATTRIBUTES, random_caption, render, sample_attributes
+
+
+class ConceptWorld(Dataset):
+    """``size`` rendered images with random attributes, pre-rendered once (seeded).
+
+    Items are CompVis batches: ``image`` (H, W, 3) float in [-1, 1], ``caption`` (a fresh random
+    template each time it is read, empty at the template module's rate) and the attribute indices.
+    """
+
+    def __init__(self, size=20000, seed=0, empty_caption_rate=0.1):
+        rng = np.random.default_rng(seed)
+        self.attributes = [sample_attributes(rng) for _ in range(size)]
+        self.images = np.stack([render(*attrs, seed=(seed, i)) for i, attrs in enumerate(self.attributes)])
+        self.seed, self.empty_caption_rate = seed, empty_caption_rate
+        self.reads = np.zeros(size, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        obj, color, style = self.attributes[i]
+        rng = np.random.default_rng((self.seed, i, int(self.reads[i])))
+        self.reads[i] += 1
+        return {
+            "image": torch.from_numpy(self.images[i]).float() / 127.5 - 1,
+            "caption": random_caption(obj, color, style, rng, self.empty_caption_rate),
+            "object": ATTRIBUTES["object"].index(obj),
+            "color": ATTRIBUTES["color"].index(color),
+            "style": ATTRIBUTES["style"].index(style),
+        }
+
+
+class WithFirstStageMoments(Dataset):
+    """``dataset`` plus ``first_stage_moments``: its images encoded once by a frozen first stage, so
+    latent-diffusion training samples latents without running the encoder every step."""
+
+    def __init__(self, dataset, first_stage_model, batch_size=256):
+        self.dataset = dataset
+        moments = []
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                images = torch.from_numpy(dataset.images[start:start + batch_size]).float() / 127.5 - 1
+                posterior = first_stage_model.encode(images.permute(0, 3, 1, 2))
+                moments.append(posterior.parameters.half())
+        self.moments = torch.cat(moments)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {**self.dataset[i], "first_stage_moments": self.moments[i]}

@@ -1,0 +1,43 @@
+"""Text-to-image generation with a CompVis model: seeded per row, batched, decoded to uint8 images."""
+import numpy as np
+import torch
+
+from ldm.models.diffusion.ddim import ddim_sample
+
+
+def seeded_noise(seeds, shape, device="cpu"):
+    """Start noise ``x_T``, one row per seed: a row's noise depends only on its own seed."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+def latent_shape(model, image_size=None):
+    """(C, h, w) of the latents for ``image_size`` pixels (default: the model's own size)."""
+    factor = 2 ** model.num_downs
+    side = model.image_size if image_size is None else image_size // factor
+    return (model.channels, side, side)
+
+
+def to_uint8(images):
+    """Decoder output in [-1, 1] (B, 3, H, W) to uint8 (B, H, W, 3)."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(model, prompts, seeds, guidance_scale=7.5, ddim_steps=50, eta=0.0, image_size=None):
+    """Images (B, H, W, 3) uint8 for ``prompts`` with start noise from ``seeds`` (DDIM, classifier-free
+    guidance against the empty prompt)."""
+    device = model.betas.device
+    x_T = seeded_noise(seeds, latent_shape(model, image_size), device)
+    cond = model.get_learned_conditioning(list(prompts))
+    uncond = model.get_learned_conditioning([""] * len(prompts)) if guidance_scale != 1.0 else None
+    latents, _ = ddim_sample(model, x_T, cond, uncond, guidance_scale, num_steps=ddim_steps, eta=eta)
+    return to_uint8(model.decode_first_stage(latents))
+
+
+def generate_grid(model, prompts_grid, seed=0, **kwargs):
+    """Images for a rows x cols list of prompts, one seed per cell, as a (rows, cols, H, W, 3) array."""
+    rows, cols = len(prompts_grid), len(prompts_grid[0])
+    flat = [p for row in prompts_grid for p in row]
+    images = generate(model, flat, [seed + i for i in range(len(flat))], **kwargs)
+    return np.asarray(images).reshape(rows, cols, *images.shape[1:])

@@ -1,0 +1,51 @@
+"""PNG outputs a researcher would rather look at than read: loss curves and labelled image grids."""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_loss_plot(steps, losses, path, title="training loss", smooth=50):
+    """Plot raw and moving-average loss against step and save it as a PNG."""
+    steps, losses = np.asarray(steps), np.asarray(losses, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    if len(losses) >= smooth:
+        ax.plot(steps[smooth - 1:], np.convolve(losses, np.ones(smooth) / smooth, mode="valid"),
+                label=f"mean of {smooth}")
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_image_grid(images, path, row_labels=None, col_labels=None, title=None, scale=2):
+    """Save a grid of uint8 images (rows x cols x H x W x 3) with optional row and column labels."""
+    images = np.asarray(images)
+    rows, cols = images.shape[:2]
+    height, width = images.shape[2:4]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * width * scale / 100 + 1, rows * height * scale / 100 + 0.6),
+                             squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[r, c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 and col_labels is not None:
+                ax.set_title(col_labels[c], fontsize=8)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

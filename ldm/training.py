@@ -1,0 +1,59 @@
+"""Training with the Lightning Trainer: resumable runs and the export of a CompVis checkpoint."""
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from ldm.plots import save_loss_plot
+from ldm.util import atomic_save
+
+
+def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, save_every=500,
+        loss_key="train/loss"):
+    """Train ``model`` for ``max_steps`` with Lightning; resumes from ``work_dir/last.ckpt`` when present.
+
+    Leaves ``work_dir/metrics.csv`` and ``work_dir/loss.png``.
+    """
+    work_dir = Path(work_dir)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model.learning_rate = learning_rate
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    checkpoints = ModelCheckpoint(dirpath=work_dir, filename="step-{step}", save_last=True,
+                                  every_n_train_steps=save_every, save_top_k=1)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="auto", devices=1, default_root_dir=work_dir,
+                         logger=CSVLogger(work_dir, name="", version=""), callbacks=[checkpoints],
+                         log_every_n_steps=min(25, max_steps), enable_model_summary=False, num_sanity_val_steps=0)
+    last = work_dir / "last.ckpt"
+    trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
+    if (work_dir / "metrics.csv").exists():
+        metrics = pd.read_csv(work_dir / "metrics.csv")
+        column = f"{loss_key}_step" if f"{loss_key}_step" in metrics else loss_key
+        if column in metrics:
+            metrics = metrics.dropna(subset=[column])
+            save_loss_plot(metrics["step"], metrics[column], work_dir / "loss.png",
+                           title=f"{type(model).__name__} {column}")
+    return model
+
+
+def export_checkpoint(model, path, half=True):
+    """Write ``model`` as a CompVis checkpoint (``{"state_dict": ...}``), atomically.
+
+    EMA weights, when the model keeps them, replace ``model.*`` (as in SD v1's released checkpoints).
+    With ``half``, parameters are stored as fp16; buffers (the noise schedule) stay fp32.
+    """
+    if getattr(model, "use_ema", False):
+        model.model_ema.copy_to(model.model)
+    buffers = {name for name, _ in model.named_buffers()}
+    state_dict = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("model_ema."):
+            continue
+        if half and name not in buffers and value.is_floating_point():
+            value = value.half()
+        state_dict[name] = value.detach().cpu().contiguous()
+    return atomic_save({"state_dict": state_dict}, path)
