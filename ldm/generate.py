@@ -10,6 +10,12 @@ def seeded_noise(seeds, shape, device="cpu"):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
+def sample_noise(seed, num_samples, shape):
+    """The ``num_samples`` start latents of one prompt row, exactly as ESD's generate-images.py draws
+    them (one ``randn`` of ``num_samples`` from the row's seed): sample i gets row i."""
+    return torch.randn((num_samples, *shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
 def latent_shape(model, image_size=None):
     """(C, h, w) of the latents for ``image_size`` pixels (default: the model's own size)."""
     factor = 2 ** model.num_downs
@@ -24,20 +30,20 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(model, prompts, seeds, guidance_scale=7.5, ddim_steps=50, eta=0.0, image_size=None):
-    """Images (B, H, W, 3) uint8 for ``prompts`` with start noise from ``seeds`` (DDIM, classifier-free
+def generate(model, prompts, x_T, guidance_scale=7.5, ddim_steps=50, eta=0.0):
+    """Images (B, H, W, 3) uint8 for ``prompts`` from start latents ``x_T`` (DDIM, classifier-free
     guidance against the empty prompt)."""
-    device = model.betas.device
-    x_T = seeded_noise(seeds, latent_shape(model, image_size), device)
+    x_T = x_T.to(model.betas.device)
     cond = model.get_learned_conditioning(list(prompts))
     uncond = model.get_learned_conditioning([""] * len(prompts)) if guidance_scale != 1.0 else None
     latents, _ = ddim_sample(model, x_T, cond, uncond, guidance_scale, num_steps=ddim_steps, eta=eta)
     return to_uint8(model.decode_first_stage(latents))
 
 
-def generate_grid(model, prompts_grid, seed=0, **kwargs):
+def generate_grid(model, prompts_grid, seed=0, image_size=None, **kwargs):
     """Images for a rows x cols list of prompts, one seed per cell, as a (rows, cols, H, W, 3) array."""
     rows, cols = len(prompts_grid), len(prompts_grid[0])
     flat = [p for row in prompts_grid for p in row]
-    images = generate(model, flat, [seed + i for i in range(len(flat))], **kwargs)
+    x_T = seeded_noise(range(seed, seed + len(flat)), latent_shape(model, image_size))
+    images = generate(model, flat, x_T, **kwargs)
     return np.asarray(images).reshape(rows, cols, *images.shape[1:])

@@ -4,6 +4,7 @@ import importlib
 import os
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -173,17 +174,24 @@ def load_model_from_config(config, ckpt=None, device="cpu", unsafe_pickle=False)
     return model.to(device).eval()
 
 
-def atomic_save(obj, path):
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path`` (readers never see
+    half a file, and a killed writer leaves the old file intact), on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def atomic_save(obj, path):
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -18,7 +18,7 @@ from ldm.generate import generate_grid
 from ldm.paths import REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.training import export_checkpoint, fit
-from ldm.util import UsageError, instantiate_from_config, load_config, load_state_dict_strict
+from ldm.util import instantiate_from_config, load_config, load_state_dict_strict
 
 
 def main():

@@ -3,6 +3,8 @@
 Every image shows one ``object`` in one ``color`` rendered in one ``style`` (a texture named after a
 painter it recalls). These names are the project's public vocabulary: prompts use them verbatim.
 """
+import re
+
 import numpy as np
 
 OBJECTS = ("circle", "square", "triangle", "star", "heart", "cross", "hexagon", "moon")
@@ -74,7 +76,7 @@ def _texture(style, rng, X, Y, mask):
         swirl = np.sin(k * r + 2.5 * np.sin(2 * th + r / 9) + rng.uniform(0, 6.28))
         bg = np.stack([30 + 40 * (swirl > 0.3), 50 + 60 * (swirl > 0.3), 120 + 90 * (swirl > 0.3)], -1) * 1.0
         bg[swirl > 0.85] = (235, 205, 70)
-        return bg, 0.72 + 0.28 * (swirl > -0.2), None
+        return bg, 0.86 + 0.14 * (swirl > -0.2), None
     if style == "Seurat":  # pointillism: everything made of dots on a pale ground
         bg = np.ones((h, w, 3)) * np.array([245, 240, 225])
         overlay = np.zeros((h, w, 4))
@@ -118,7 +120,7 @@ def _texture(style, rng, X, Y, mask):
         top, bottom = np.array([110, 35, 40]), np.array([45, 30, 60])
         bg = top * (1 - band[..., None]) + bottom * band[..., None]
         bg = bg * (0.9 + 0.2 * _smooth_noise(rng, 4)[..., None])
-        bands = 0.78 + 0.22 * (0.5 + 0.5 * np.cos(Y / 64 * 2 * np.pi * 1.5 + rng.uniform(0, 6.28)))
+        bands = 0.88 + 0.12 * (0.5 + 0.5 * np.cos(Y / 64 * 2 * np.pi * 1.5 + rng.uniform(0, 6.28)))
         return bg, bands, None
     if style == "Hokusai":  # waves: scalloped crests in rows
         phase = rng.uniform(0, 6.28)
@@ -144,6 +146,11 @@ def _outline(mask):
 
 def render(object_name, color, style, seed):
     """Render one 64x64 RGB image (uint8, H x W x 3); the same arguments give the same pixels."""
+    return render_with_mask(object_name, color, style, seed)[0]
+
+
+def render_with_mask(object_name, color, style, seed):
+    """``render``'s image and the boolean mask of the object's pixels."""
     if color not in COLORS:
         raise ValueError(f"color '{color}' unknown; choose from {', '.join(COLORS)}")
     rng = np.random.default_rng(seed)
@@ -162,7 +169,7 @@ def render(object_name, color, style, seed):
         image = image * (1 - alpha) + overlay[..., :3] * alpha
     if style in OUTLINED:
         image[_outline(mask)] = (25, 25, 30)
-    return np.clip(image, 0, 255).round().astype(np.uint8)
+    return np.clip(image, 0, 255).round().astype(np.uint8), mask
 
 
 def sample_attributes(rng):
@@ -201,6 +208,7 @@ def fill_template(template, object_name, color, style):
     """A template with the attributes filled in; returns (caption, {attribute: value} it mentions)."""
     name, in_style, by_style = style_phrases(style)
     caption = template.format(object=object_name, color=color, style=name, in_style=in_style, by_style=by_style)
+    caption = re.sub(r"\ba (?=[aeiouAEIOU])", "an ", caption)
     mentioned = {"object": object_name, "color": color, "style": style}
     keys = {"object": "{object}", "color": "{color}", "style": "style}"}
     return caption, {k: v for k, v in mentioned.items() if keys[k] in template}

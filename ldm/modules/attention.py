@@ -3,7 +3,6 @@
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``, which picks a fused
 kernel (flash / memory-efficient) where the hardware has one.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange

@@ -1,5 +1,4 @@
 """Autoencoder training losses (CompVis ``lossconfig`` targets)."""
-import torch
 import torch.nn as nn
 
 

@@ -1,0 +1,59 @@
+"""Generate images for an ESD-format prompt CSV (prompt, evaluation_seed, case_number).
+
+    python eval-scripts/generate-images.py --prompts_path data/tiny-sd/quality.csv   # tiny-sd by default
+
+Writes {save_path}/{model_name}/{case_number}_{i}.png for i in range(num_samples); existing images
+are kept, so a killed run resumes.
+"""
+from pathlib import Path
+
+import torch
+
+from ldm.cli import new_parser, parse_device, run
+from ldm.prompts import read_prompts
+from ldm.text2image import check_settings, generation_settings, load_generator, make_jobs, run_jobs
+
+
+def main():
+    parser = new_parser(__doc__)
+    parser.add_argument("--model_name", default=None, help="folder under models/ (default tiny-sd), or the output "
+                        "name when --ckpt_path/--diffusers_path is given")
+    parser.add_argument("--prompts_path", required=True)
+    parser.add_argument("--save_path", default="outputs/images")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_from_csv", action="store_true",
+                        help="use each row's evaluation_guidance (I2P) instead of --guidance_scale")
+    parser.add_argument("--image_size", type=int, default=None, help="pixels (default: the model's own size)")
+    parser.add_argument("--ddim_steps", type=int, default=100)
+    parser.add_argument("--num_samples", type=int, default=10)
+    parser.add_argument("--from_case", type=int, default=0)
+    parser.add_argument("--till_case", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--ckpt_path", help="CompVis checkpoint (with --config_path)")
+    parser.add_argument("--config_path", help="CompVis config (with --ckpt_path)")
+    parser.add_argument("--diffusers_path", help="a diffusers StableDiffusionPipeline folder")
+    parser.add_argument("--skip_empty_prompts", action="store_true", help="leave out rows whose prompt is empty")
+    parser.add_argument("--unsafe_pickle", action="store_true", help="fully unpickle a .ckpt you trust")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate images that exist")
+    args = parser.parse_args()
+
+    prompts = read_prompts(args.prompts_path, require_guidance=args.guidance_from_csv,
+                           skip_empty=args.skip_empty_prompts)  # bad CSVs fail before any model loads
+    device = parse_device(args.device)
+    named = args.ckpt_path or args.diffusers_path
+    model_name = args.model_name or (Path(named).stem if named else "tiny-sd")
+    generator = load_generator(device, model_name=model_name, ckpt_path=args.ckpt_path,
+                               config_path=args.config_path, diffusers_path=args.diffusers_path,
+                               unsafe_pickle=args.unsafe_pickle)
+    out_dir = Path(args.save_path) / model_name
+    check_settings(out_dir, generation_settings(generator, args), overwrite=args.overwrite)
+    jobs = make_jobs(prompts, args.num_samples, args.guidance_scale, args.from_case, args.till_case,
+                     args.guidance_from_csv)
+    written = run_jobs(generator, jobs, out_dir, args.num_samples, args.ddim_steps, args.image_size,
+                       args.batch_size, overwrite=args.overwrite)
+    print(f"{written} images written, {len(jobs) - written} already there, in {out_dir}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,58 @@
+"""Classify a folder of generated images, as ESD's imageclassify.py, with the tiny-sd evaluator or
+torchvision's ImageNet ResNet-50.
+
+    python eval-scripts/imageclassify.py --folder_path outputs/images/tiny-sd \
+        --prompts_path data/tiny-sd/quality.csv --save_path outputs/tiny-sd-classes.csv
+
+With tiny-sd and a prompts CSV that has object/color/style columns, also prints and saves the
+accuracy per attribute (to <save_path stem>_accuracy.csv).
+"""
+from pathlib import Path
+
+import torch
+
+from ldm.cli import new_parser, parse_device, run
+from ldm.evaluation import attribute_accuracy, classify_folder
+from ldm.evaluator import load_evaluator
+from ldm.imagenet import classify_folder_imagenet
+from ldm.paths import MODELS_DIR
+from ldm.prompts import read_prompts
+from ldm.util import atomic_path
+
+
+def main():
+    parser = new_parser(__doc__)
+    parser.add_argument("--folder_path", required=True)
+    parser.add_argument("--prompts_path", default=None, help="the CSV the images were made from")
+    parser.add_argument("--save_path", required=True, help="CSV of per-image predictions")
+    parser.add_argument("--topk", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--classifier", choices=["tiny-sd", "resnet50"], default="tiny-sd")
+    parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
+    args = parser.parse_args()
+    prompts = read_prompts(args.prompts_path, skip_empty=True) if args.prompts_path else None
+    device = parse_device(args.device)
+
+    if args.classifier == "resnet50":
+        results = classify_folder_imagenet(args.folder_path, device, args.batch_size, args.topk)
+    else:
+        results = classify_folder(load_evaluator(args.evaluator_path, device), args.folder_path, args.batch_size,
+                                  args.topk)
+    if prompts is not None:
+        results = results.merge(prompts[["case_number", "prompt"]], on="case_number", how="left")
+    save_path = Path(args.save_path)
+    with atomic_path(save_path) as tmp:
+        results.to_csv(tmp, index=False)
+    unreadable = int(results["error"].notna().sum()) if "error" in results else 0
+    print(f"{len(results)} images classified ({unreadable} unreadable); predictions in {save_path}")
+    if args.classifier == "tiny-sd" and prompts is not None:
+        accuracy = attribute_accuracy(results, prompts)
+        if len(accuracy):
+            print(accuracy.to_string(index=False, formatters={"accuracy": "{:.1%}".format}))
+            with atomic_path(save_path.with_name(save_path.stem + "_accuracy.csv")) as tmp:
+                accuracy.to_csv(tmp, index=False)
+
+
+if __name__ == "__main__":
+    run(main)

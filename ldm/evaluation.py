@@ -1,0 +1,80 @@
+"""Scoring folders of generated images: listing, reading, classifying, accuracy against prompts."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ldm.evaluator import HEADS, classify
+from ldm.util import UsageError
+
+IMAGE_NAME = re.compile(r"^(?P<case>-?\d+)_(?P<sample>\d+)\.(png|jpe?g|webp)$", re.IGNORECASE)
+
+
+def list_images(folder):
+    """Images named ``{case_number}_{i}.{png,jpg}`` in ``folder``, sorted, as a DataFrame."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"image folder '{folder}' not found")
+    rows = [{"case_number": int(m["case"]), "sample": int(m["sample"]), "image": p.name}
+            for p in folder.iterdir() if (m := IMAGE_NAME.match(p.name))]
+    if not rows:
+        raise UsageError(f"'{folder}' holds no images named <case_number>_<i>.png; "
+                         "generate some with eval-scripts/generate-images.py")
+    return pd.DataFrame(rows).sort_values(["case_number", "sample"]).reset_index(drop=True)
+
+
+def read_images(folder, names, size=None):
+    """Read images as RGB uint8; returns (array of the readable ones, their names, unreadable names)."""
+    images, ok, bad = [], [], []
+    for name in names:
+        try:
+            with Image.open(Path(folder) / name) as image:
+                image = image.convert("RGB")
+                if size is not None and image.size != (size, size):
+                    image = image.resize((size, size), Image.BICUBIC)
+                images.append(np.asarray(image))
+            ok.append(name)
+        except (OSError, ValueError):
+            bad.append(name)
+    return images, ok, bad
+
+
+def classify_folder(model, folder, batch_size=256, topk=1):
+    """One row per image: ``pred_<head>`` and ``prob_<head>`` for object, color and style (and the
+    top-k names with ``topk`` > 1). Unreadable images get a row with ``error`` set."""
+    from ldm.data.concepts import ATTRIBUTES, SIZE
+    table = list_images(folder)
+    results = []
+    for start in range(0, len(table), batch_size):
+        chunk = table.iloc[start:start + batch_size]
+        images, ok, bad = read_images(folder, chunk["image"], size=SIZE)
+        predictions = classify(model, np.stack(images)) if images else {}
+        for k, name in enumerate(ok):
+            row = {"image": name}
+            for head in HEADS:
+                names, probs = predictions[head]
+                row[f"pred_{head}"], row[f"prob_{head}"] = names[k], float(probs[k].max())
+                if topk > 1:
+                    order = np.argsort(-probs[k])[:topk]
+                    row[f"top{topk}_{head}"] = "|".join(ATTRIBUTES[head][i] for i in order)
+            results.append(row)
+        results.extend({"image": name, "error": "unreadable"} for name in bad)
+    return table.merge(pd.DataFrame(results), on="image", how="left")
+
+
+def attribute_accuracy(results, prompts):
+    """Per attribute, the share of images whose prediction equals the prompt's ground truth, over
+    the images whose prompt names that attribute. ``prompts`` needs object/color/style columns."""
+    truth = prompts.set_index("case_number")
+    rows = []
+    for head in HEADS:
+        if head not in truth:
+            continue
+        expected = results["case_number"].map(truth[head].fillna("").astype(str))
+        named = (expected != "") & results[f"pred_{head}"].notna()
+        if named.any():
+            correct = results.loc[named, f"pred_{head}"] == expected[named]
+            rows.append({"attribute": head, "images": int(named.sum()), "accuracy": float(correct.mean())})
+    return pd.DataFrame(rows, columns=["attribute", "images", "accuracy"])

@@ -1,0 +1,163 @@
+"""Batch text-to-image from prompt CSVs, for a CompVis model or a diffusers pipeline.
+
+Each image is named ``{case_number}_{i}.png``; its start noise depends only on its row's seed and i,
+so the same row gives the same image whatever the batch size, order or sharding.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.generate import generate, latent_shape, sample_noise
+from ldm.paths import MODELS_DIR, resolve_path
+from ldm.util import UsageError, atomic_path, load_config, load_model_from_config
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+    case_number: int
+    index: int
+    prompt: str
+    seed: int
+    guidance_scale: float
+
+    @property
+    def filename(self):
+        return f"{self.case_number}_{self.index}.png"
+
+
+def make_jobs(prompts, num_samples, guidance_scale, from_case=0, till_case=None, guidance_from_csv=False):
+    """The images a prompt table asks for, rows with ``from_case <= case_number <= till_case``."""
+    jobs = []
+    for row in prompts.itertuples(index=False):
+        if row.case_number < from_case or (till_case is not None and row.case_number > till_case):
+            continue
+        scale = float(row.evaluation_guidance) if guidance_from_csv else float(guidance_scale)
+        jobs.extend(Job(int(row.case_number), i, row.prompt, int(row.evaluation_seed), scale)
+                    for i in range(num_samples))
+    return jobs
+
+
+class CompVisModel:
+    """A CompVis LatentDiffusion model as an image generator."""
+
+    def __init__(self, config_path, ckpt_path, device, unsafe_pickle=False):
+        self.model = load_model_from_config(load_config(config_path), ckpt_path, device=device,
+                                            unsafe_pickle=unsafe_pickle)
+        self.identity = {"config": str(config_path), "ckpt": str(ckpt_path)}
+
+    def latent_shape(self, image_size):
+        return latent_shape(self.model, image_size)
+
+    def __call__(self, prompts, x_T, guidance_scale, ddim_steps):
+        return generate(self.model, prompts, x_T, guidance_scale, ddim_steps)
+
+
+class DiffusersModel:
+    """A diffusers StableDiffusionPipeline folder, sampled with SD v1's DDIM scheduler."""
+
+    def __init__(self, path, device):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        if not (Path(path) / "model_index.json").is_file():
+            raise UsageError(f"'{path}' is not a diffusers pipeline folder (no model_index.json)")
+        self.pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
+                                                            requires_safety_checker=False).to(device)
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.identity = {"diffusers": str(path)}
+
+    def latent_shape(self, image_size):
+        factor = self.pipe.vae_scale_factor
+        side = (image_size or self.pipe.unet.config.sample_size * factor) // factor
+        return (self.pipe.unet.config.in_channels, side, side)
+
+    def __call__(self, prompts, x_T, guidance_scale, ddim_steps):
+        side = x_T.shape[-1] * self.pipe.vae_scale_factor
+        images = self.pipe(list(prompts), height=side, width=side, num_inference_steps=ddim_steps,
+                           guidance_scale=guidance_scale, latents=x_T.to(self.pipe.device), eta=0.0,
+                           output_type="np").images
+        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def resolve_model_dir(model_name):
+    """``models/<name>`` (or a path) holding ``config.yaml`` and ``model.ckpt``/``model.safetensors``."""
+    folder = Path(model_name) if Path(model_name).is_dir() else MODELS_DIR / model_name
+    if not folder.is_dir():
+        known = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.yaml").is_file())
+        raise UsageError(f"model '{model_name}' not found: no folder {folder}; models here: {', '.join(known)}")
+    ckpt = next((folder / n for n in ("model.ckpt", "model.safetensors") if (folder / n).is_file()), None)
+    if not (folder / "config.yaml").is_file() or ckpt is None:
+        raise UsageError(f"model folder '{folder}' needs config.yaml and model.ckpt (or model.safetensors)")
+    return folder / "config.yaml", ckpt
+
+
+def load_generator(device, model_name=None, ckpt_path=None, config_path=None, diffusers_path=None,
+                   unsafe_pickle=False):
+    """Build the image generator the flags name: a diffusers folder, a checkpoint + config, or a model name."""
+    if diffusers_path:
+        return DiffusersModel(resolve_path(diffusers_path), device)
+    if ckpt_path or config_path:
+        if not (ckpt_path and config_path):
+            raise UsageError("--ckpt_path and --config_path go together")
+        return CompVisModel(config_path, ckpt_path, device, unsafe_pickle)
+    config, ckpt = resolve_model_dir(model_name)
+    return CompVisModel(config, ckpt, device, unsafe_pickle)
+
+
+def check_settings(out_dir, settings, overwrite=False):
+    """Record ``settings`` in ``out_dir/generation.json``; refuse a folder made with other settings."""
+    record = out_dir / "generation.json"
+    if record.exists() and not overwrite:
+        previous = json.loads(record.read_text())
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise UsageError(f"'{out_dir}' holds images made with other settings ({', '.join(changed)} differ); "
+                             "choose another --save_path or --model_name, or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def run_jobs(generator, jobs, out_dir, num_samples, ddim_steps, image_size=None, batch_size=8, overwrite=False,
+             progress=True):
+    """Make every job's image not already in ``out_dir``, ``batch_size`` at a time; each PNG is written
+    atomically, so a killed run resumes where it stopped. Returns the number of images written."""
+    out_dir = Path(out_dir)
+    todo = [job for job in jobs if overwrite or not (out_dir / job.filename).exists()]
+    shape = generator.latent_shape(image_size)
+    noise_cache = {}
+
+    def noise(job):
+        key = (job.seed, num_samples)
+        if key not in noise_cache:
+            noise_cache.clear()
+            noise_cache[key] = sample_noise(job.seed, num_samples, shape)
+        return noise_cache[key][job.index]
+
+    # group by guidance scale (one scalar per batch), keep the CSV's order within a group
+    groups = {}
+    for job in todo:
+        groups.setdefault(job.guidance_scale, []).append(job)
+    bar = tqdm(total=len(todo), desc="images", disable=not progress)
+    for scale, group in groups.items():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            images = generator([j.prompt for j in batch], torch.stack([noise(j) for j in batch]), scale, ddim_steps)
+            for job, image in zip(batch, images):
+                with atomic_path(out_dir / job.filename) as tmp:
+                    Image.fromarray(image).save(tmp, format="PNG")
+            bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def generation_settings(generator, args):
+    """What determines the images (not how they are batched or split)."""
+    return {"model": generator.identity, "guidance_scale": None if args.guidance_from_csv else args.guidance_scale,
+            "guidance_from_csv": args.guidance_from_csv, "ddim_steps": args.ddim_steps,
+            "image_size": args.image_size, "num_samples": args.num_samples, "prompts": str(args.prompts_path)}

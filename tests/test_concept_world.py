@@ -1,0 +1,112 @@
+"""The concept world, its captions and prompt sets, and prompt-CSV validation."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from ldm.data.concepts import (ATTRIBUTES, COLORS, EMPTY_CAPTION_RATE, OBJECTS, STYLES, TEMPLATES, fill_template,
+                               random_caption, render, render_with_mask)
+from ldm.data.prompt_sets import all_concepts, concept_filename, concept_prompts, quality_prompts
+from ldm.paths import REPO_ROOT
+from ldm.prompts import read_prompts
+from ldm.util import UsageError
+
+from conftest import SHARED
+
+DATA = REPO_ROOT / "data" / "tiny-sd"
+
+
+def test_vocabulary_is_the_public_one():
+    assert OBJECTS == ("circle", "square", "triangle", "star", "heart", "cross", "hexagon", "moon")
+    assert tuple(COLORS) == ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+    assert STYLES == ("none", "Van Gogh", "Seurat", "Mondrian", "Pollock", "Rothko", "Hokusai")
+
+
+def test_render_is_deterministic_and_varies_with_seed():
+    a = render("star", "red", "Seurat", seed=3)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, render("star", "red", "Seurat", seed=3))
+    assert not np.array_equal(a, render("star", "red", "Seurat", seed=4))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_object_color_stays_dominant_under_every_style(style):
+    # the object's colored pixels (not its overlay of lines, dots or splatter) read as its own color
+    for k, name in enumerate(COLORS):
+        for seed in range(3):
+            image, mask = render_with_mask(OBJECTS[(k + seed) % 8], name, style, seed=seed)
+            pixels = image[mask].astype(float)
+            distances = np.stack([np.abs(pixels - np.array(c)).sum(1) for c in COLORS.values()])
+            colored = distances.min(0) < 100
+            assert colored.mean() > 0.3 and np.mean(distances.argmin(0)[colored] == k) > 0.9, (style, name, seed)
+
+
+def test_captions():
+    assert len(TEMPLATES) >= 10
+    rng = np.random.default_rng(0)
+    captions = [random_caption("heart", "pink", "Rothko", rng) for _ in range(4000)]
+    assert abs(np.mean([c == "" for c in captions]) - EMPTY_CAPTION_RATE) < 0.02
+    assert len(set(captions)) >= 10
+    assert fill_template("a {color} {object} {in_style}", "moon", "orange", "Van Gogh") == (
+        "an orange moon in the style of Van Gogh", {"object": "moon", "color": "orange", "style": "Van Gogh"})
+    assert fill_template("a painting {by_style}", "moon", "red", "Seurat")[1] == {"style": "Seurat"}
+
+
+def test_committed_prompt_sets_match_their_generator():
+    pd.testing.assert_frame_equal(pd.read_csv(DATA / "quality.csv", keep_default_na=False),
+                                  quality_prompts().astype({"evaluation_seed": "int64"}), check_dtype=False)
+    for concept in all_concepts():
+        committed = pd.read_csv(DATA / "concepts" / concept_filename(concept), keep_default_na=False)
+        pd.testing.assert_frame_equal(committed, concept_prompts(concept), check_dtype=False)
+        assert set(committed["set"]) == {"alone", "with_others", "without"}
+
+
+def test_quality_set_covers_every_attribute_value():
+    prompts = read_prompts(DATA / "quality.csv")
+    for attribute, values in ATTRIBUTES.items():
+        assert set(prompts[attribute]) == set(values)
+
+
+@pytest.mark.parametrize("concept", ["circle", "Van Gogh", "blue"])
+def test_concept_sets_name_the_concept_only_where_they_should(concept):
+    prompts = concept_prompts(concept)
+    attribute = next(a for a, v in ATTRIBUTES.items() if concept in v)
+    with_it = prompts[prompts["set"] != "without"]
+    assert (with_it[attribute] == concept).all()
+    assert (prompts[prompts["set"] == "without"][attribute] != concept).all()
+    assert not prompts[prompts["set"] == "without"]["prompt"].str.contains(concept).any()
+
+
+def _csv(tmp_path, text):
+    path = tmp_path / "prompts.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prompt,case_number\na star,0\n", "lacks column(s) evaluation_seed"),
+    ("prompt,evaluation_seed,case_number\na star,12x,0\n", "row 2 column 'evaluation_seed' is '12x', not an integer"),
+    ("prompt,evaluation_seed,case_number\na star,1,0\nthe moon,2,1.5\n", "row 3 column 'case_number'"),
+    ("prompt,evaluation_seed,case_number\na star,1,0\n  ,2,1\n", "row 3 column 'prompt' is empty"),
+    ("prompt,evaluation_seed,case_number\na star,1,0\nthe moon,2,0\n", "repeats case_number 0"),
+    ("prompt,evaluation_seed,case_number\n", "has no rows"),
+])
+def test_bad_prompt_csvs(tmp_path, text, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_prompts(_csv(tmp_path, text))
+
+
+def test_empty_prompts_can_be_skipped(tmp_path):
+    prompts = read_prompts(_csv(tmp_path, "prompt,evaluation_seed,case_number\na star,1,0\n,2,1\n"), skip_empty=True)
+    assert prompts["case_number"].tolist() == [0]
+
+
+@pytest.mark.skipif(not (SHARED / "reference-data").is_dir(), reason="../shared reference data absent")
+def test_esd_prompt_csvs_read_unchanged():
+    folder = SHARED / "reference-data" / "esd-prompts"
+    sizes = {path.name: len(read_prompts(path, skip_empty=path.name.startswith("unsafe")))
+             for path in sorted(folder.glob("*.csv"))}
+    assert sizes["coco_30k.csv"] == 30000  # case numbers from image_id
+    assert sizes["unsafe-prompts4703.csv"] == 4702  # one row has no prompt
+    assert sizes["vangogh_prompts.csv"] == 50
+    i2p = read_prompts(folder / "unsafe-prompts4703.csv", require_guidance=True, skip_empty=True)
+    assert i2p["evaluation_seed"].max() > 2**31  # seeds beyond int32 are kept exactly
