@@ -114,7 +114,7 @@ def train_evaluator(steps=3000, batch_size=64, lr=2e-3, seed=0, pool_size=20000,
 
 def heldout_accuracy(model, count=500, seed=12345):
     """Accuracy per head on ``count`` freshly rendered images unseen in training."""
-    images, labels = render_batch(np.random.default_rng(seed), count, seed_base=("heldout", seed))
+    images, labels = render_batch(np.random.default_rng(seed), count, seed_base=10**6 + seed)
     predictions = classify(model, images)
     return {name: float(np.mean([ATTRIBUTES[name].index(p) for p in predictions[name][0]] == labels[name].numpy()))
             for name in HEADS}

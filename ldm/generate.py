@@ -47,3 +47,14 @@ def generate_grid(model, prompts_grid, seed=0, image_size=None, **kwargs):
     x_T = seeded_noise(range(seed, seed + len(flat)), latent_shape(model, image_size))
     images = generate(model, flat, x_T, **kwargs)
     return np.asarray(images).reshape(rows, cols, *images.shape[1:])
+
+
+def concept_grid(model, seed=0, color_offset=0, **kwargs):
+    """tiny-sd's overview: rows are objects, columns styles, colors cycling down the rows.
+    Returns (images (rows, cols, H, W, 3), row labels, column labels)."""
+    from ldm.data.concepts import COLORS, OBJECTS, STYLES, fill_template
+    colors = tuple(COLORS)
+    prompts = [[fill_template("a {color} {object} {in_style}", obj, colors[(i + color_offset) % len(colors)], style)[0]
+                for style in STYLES] for i, obj in enumerate(OBJECTS)]
+    row_labels = [f"{colors[(i + color_offset) % len(colors)]} {obj}" for i, obj in enumerate(OBJECTS)]
+    return generate_grid(model, prompts, seed=seed, **kwargs), row_labels, list(STYLES)

@@ -15,8 +15,9 @@ def test_ddim_timesteps_match_compvis_and_diffusers():
     assert make_ddim_timesteps(50).tolist() == list(range(1, 1000, 20))
     from diffusers import DDIMScheduler
     scheduler = DDIMScheduler(steps_offset=1)
-    scheduler.set_timesteps(20)
-    assert scheduler.timesteps.flip(0).tolist() == make_ddim_timesteps(20).tolist()
+    for steps in (20, 3, 7, 999):  # also step counts that do not divide 1000
+        scheduler.set_timesteps(steps)
+        assert scheduler.timesteps.flip(0).tolist() == make_ddim_timesteps(steps).tolist()
 
 
 def test_partial_sampling_returns_the_trajectory_state(small_model):

@@ -16,9 +16,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model = train_evaluator(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    accuracy = heldout_accuracy(model, count=1000)
-    print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
     print(f"saved {save_evaluator(model, args.out)}")
+    accuracy = heldout_accuracy(model, count=1000)
+    print("held-out accuracy on 1000 fresh images: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
 
 
 if __name__ == "__main__":

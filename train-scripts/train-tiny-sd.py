@@ -12,9 +12,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ldm.cli import new_parser, run
-from ldm.data.concepts import OBJECTS, STYLES, COLORS, fill_template
 from ldm.data.tiny_sd import ConceptWorld, WithFirstStageMoments
-from ldm.generate import generate_grid
+from ldm.generate import concept_grid
 from ldm.paths import REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.training import export_checkpoint, fit
@@ -54,9 +53,8 @@ def main():
     if (work / "diffusion" / "loss.png").exists():
         shutil.copyfile(work / "diffusion" / "loss.png", out / "loss.png")
     model.eval()
-    prompts = [[fill_template("a {color} {object} {in_style}", obj, tuple(COLORS)[i % len(COLORS)], style)[0]
-                for style in STYLES] for i, obj in enumerate(OBJECTS)]
-    save_image_grid(generate_grid(model, prompts), out / "samples.png", row_labels=OBJECTS, col_labels=STYLES,
+    images, rows, cols = concept_grid(model)
+    save_image_grid(images, out / "samples.png", row_labels=rows, col_labels=cols,
                     title="tiny-sd: rows objects, columns styles")
     print(f"tiny-sd written to {out}")
 

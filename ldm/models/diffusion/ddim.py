@@ -14,7 +14,9 @@ def make_ddim_timesteps(num_ddim_timesteps, num_ddpm_timesteps=1000, discretize=
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"ddim steps must be in 1..{num_ddpm_timesteps}, got {num_ddim_timesteps}")
     if discretize == "uniform":
-        steps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_ddim_timesteps)
+        # CompVis' range(0, T, T // S) gives S + 1 steps when S does not divide T; this is diffusers'
+        # "leading" spacing, identical whenever S divides T.
+        steps = np.arange(num_ddim_timesteps) * (num_ddpm_timesteps // num_ddim_timesteps)
     elif discretize == "quad":
         steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
     else:

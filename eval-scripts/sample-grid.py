@@ -1,0 +1,33 @@
+"""Draw tiny-sd's concept grid (rows objects, columns styles) with a model, as one PNG.
+
+    python eval-scripts/sample-grid.py                  # tiny-sd -> outputs/tiny-sd-grid.png
+    python eval-scripts/sample-grid.py --model_name <run_name> --out outputs/<run_name>-grid.png
+"""
+import torch
+
+from ldm.cli import new_parser, parse_device, run
+from ldm.generate import concept_grid
+from ldm.plots import save_image_grid
+from ldm.text2image import resolve_model_dir
+from ldm.util import load_model_from_config
+
+
+def main():
+    parser = new_parser(__doc__)
+    parser.add_argument("--model_name", default="tiny-sd")
+    parser.add_argument("--out", default=None, help="PNG path (default outputs/<model_name>-grid.png)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--ddim_steps", type=int, default=50)
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    model = load_model_from_config(*resolve_model_dir(args.model_name), device=parse_device(args.device))
+    images, rows, cols = concept_grid(model, seed=args.seed, guidance_scale=args.guidance_scale,
+                                      ddim_steps=args.ddim_steps)
+    out = args.out or f"outputs/{args.model_name}-grid.png"
+    save_image_grid(images, out, row_labels=rows, col_labels=cols, title=f"{args.model_name}: objects x styles")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,81 @@
+"""The shipped tiny-sd model and evaluator: format, size, accuracy, and the main job end to end."""
+import pandas as pd
+import pytest
+
+from ldm.evaluator import heldout_accuracy, load_evaluator
+from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.util import load_checkpoint_file, load_model_from_config, state_dict_from_checkpoint
+
+from conftest import run_script
+
+TINY = MODELS_DIR / "tiny-sd"
+
+
+def test_shipped_files_are_compvis_format_and_small():
+    files = [p for p in TINY.rglob("*") if p.is_file()] + list((MODELS_DIR / "clip-tokenizer").iterdir())
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    state_dict = state_dict_from_checkpoint(load_checkpoint_file(TINY / "model.ckpt"))
+    prefixes = {k.split(".")[0] for k in state_dict}
+    assert {"model", "first_stage_model", "cond_stage_model"} <= prefixes
+    assert any(k.startswith("model.diffusion_model.input_blocks.") and ".attn2.to_k." in k for k in state_dict)
+    model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
+    assert 0.1 < float(model.scale_factor) < 10  # computed from the data, as CompVis' scale_by_std
+    attention_levels = {k.split(".")[2] for k in state_dict if ".attn2." in k and "input_blocks" in k}
+    assert len(attention_levels) >= 2  # cross-attention at two or more resolutions
+
+
+def test_evaluator_is_accurate_on_fresh_images():
+    accuracy = heldout_accuracy(load_evaluator(TINY / "evaluator.safetensors"), count=300, seed=777)
+    assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_main_job_generates_then_classifies(tmp_path):
+    prompts = tmp_path / "quality-head.csv"
+    pd.read_csv(REPO_ROOT / "data/tiny-sd/quality.csv").head(4).to_csv(prompts, index=False)
+    generated = run_script("eval-scripts/generate-images.py", "--prompts_path", prompts, "--save_path",
+                           tmp_path / "images", "--num_samples", 2, "--ddim_steps", 20, "--device", "cpu")
+    assert generated.returncode == 0, generated.stderr
+    result = tmp_path / "classes.csv"
+    classified = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "images" / "tiny-sd",
+                            "--prompts_path", prompts, "--save_path", result, "--device", "cpu")
+    assert classified.returncode == 0, classified.stderr
+    table = pd.read_csv(result)
+    assert len(table) == 8 and {"case_number", "image", "pred_object", "pred_color", "pred_style",
+                                "prob_object", "prob_color", "prob_style"} <= set(table.columns)
+    accuracy = pd.read_csv(tmp_path / "classes_accuracy.csv")
+    assert accuracy["attribute"].tolist() == ["object", "color", "style"]
+    assert "accuracy" in classified.stdout
+
+
+def test_imageclassify_bad_input(tmp_path):
+    result = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
+                        tmp_path / "x.csv", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: ")
+    assert "holds no images" in result.stderr
+
+
+def test_resnet50_says_how_to_provide_it(tmp_path):
+    (tmp_path / "0_0.png").write_bytes((REPO_ROOT / "models/tiny-sd/samples.png").read_bytes())
+    result = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
+                        tmp_path / "x.csv", "--classifier", "resnet50", "--device", "cpu")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert result.returncode == 2 and "needs torchvision" in result.stderr
+        return
+    if result.returncode == 2:
+        assert "ResNet-50 ImageNet weights not found: put resnet50-0676ba61.pth" in result.stderr
+    else:
+        assert "category_top1" in pd.read_csv(tmp_path / "x.csv").columns
+
+
+@pytest.mark.slow
+def test_quality_table(tmp_path):
+    """The README's quality table: 64 prompts x 5 images, default sampler settings."""
+    generated = run_script("eval-scripts/generate-images.py", "--prompts_path", REPO_ROOT / "data/tiny-sd/quality.csv",
+                           "--save_path", tmp_path, "--num_samples", 5, "--batch_size", 64, "--device", "cpu")
+    assert generated.returncode == 0, generated.stderr
+    classified = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "tiny-sd", "--prompts_path",
+                            REPO_ROOT / "data/tiny-sd/quality.csv", "--save_path", tmp_path / "classes.csv")
+    accuracy = pd.read_csv(tmp_path / "classes_accuracy.csv").set_index("attribute")["accuracy"]
+    assert accuracy["object"] >= 0.9 and accuracy["color"] >= 0.9 and accuracy["style"] >= 0.85, accuracy
