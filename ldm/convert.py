@@ -21,34 +21,32 @@ def pixel_size(config):
     return params["image_size"] * 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
 
 
+def _convert(model_class, make_config, convert, state_dict, config):
+    """Build a diffusers model from its config-maker and weight converter, loading it strictly."""
+    original = _original_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # image_size is deprecated there but still needed
+        model_config = make_config(original, state_dict, image_size=pixel_size(original))
+    weights = convert(state_dict, model_config)
+    with torch.device("meta"):
+        model = model_class(**model_config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
 def convert_unet(state_dict, config):
     """A diffusers ``UNet2DConditionModel`` holding the CompVis UNet weights of ``state_dict``."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    original = _original_config(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # image_size is deprecated there but still needed
-        unet_config = create_unet_diffusers_config_from_ldm(original, state_dict, image_size=pixel_size(original))
-    weights = convert_ldm_unet_checkpoint(state_dict, unet_config)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(weights, strict=True, assign=True)
-    return unet
+    return _convert(UNet2DConditionModel, create_unet_diffusers_config_from_ldm, convert_ldm_unet_checkpoint,
+                    state_dict, config)
 
 
 def convert_vae(state_dict, config):
     """A diffusers ``AutoencoderKL`` holding the CompVis first stage of ``state_dict``."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-    original = _original_config(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        vae_config = create_vae_diffusers_config_from_ldm(original, state_dict, image_size=pixel_size(original))
-    weights = convert_ldm_vae_checkpoint(state_dict, vae_config)
-    with torch.device("meta"):
-        vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(weights, strict=True, assign=True)
-    return vae
+    return _convert(AutoencoderKL, create_vae_diffusers_config_from_ldm, convert_ldm_vae_checkpoint, state_dict, config)
 
 
 def convert_text_encoder(state_dict, text_config):

@@ -1,6 +1,10 @@
 """The shipped tiny-sd model and evaluator: format, size, accuracy, and the main job end to end."""
+import importlib.util
+
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from ldm.evaluator import heldout_accuracy, load_evaluator
 from ldm.paths import MODELS_DIR, REPO_ROOT
@@ -35,6 +39,8 @@ def test_main_job_generates_then_classifies(tmp_path):
     generated = run_script("eval-scripts/generate-images.py", "--prompts_path", prompts, "--save_path",
                            tmp_path / "images", "--num_samples", 2, "--ddim_steps", 20, "--device", "cpu")
     assert generated.returncode == 0, generated.stderr
+    folder = tmp_path / "images" / "tiny-sd"
+    assert not np.array_equal(np.asarray(Image.open(folder / "0_0.png")), np.asarray(Image.open(folder / "0_1.png")))
     result = tmp_path / "classes.csv"
     classified = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "images" / "tiny-sd",
                             "--prompts_path", prompts, "--save_path", result, "--device", "cpu")
@@ -58,9 +64,7 @@ def test_resnet50_says_how_to_provide_it(tmp_path):
     (tmp_path / "0_0.png").write_bytes((REPO_ROOT / "models/tiny-sd/samples.png").read_bytes())
     result = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
                         tmp_path / "x.csv", "--classifier", "resnet50", "--device", "cpu")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torchvision") is None:
         assert result.returncode == 2 and "needs torchvision" in result.stderr
         return
     if result.returncode == 2:
@@ -77,5 +81,6 @@ def test_quality_table(tmp_path):
     assert generated.returncode == 0, generated.stderr
     classified = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "tiny-sd", "--prompts_path",
                             REPO_ROOT / "data/tiny-sd/quality.csv", "--save_path", tmp_path / "classes.csv")
+    assert classified.returncode == 0, classified.stderr
     accuracy = pd.read_csv(tmp_path / "classes_accuracy.csv").set_index("attribute")["accuracy"]
     assert accuracy["object"] >= 0.9 and accuracy["color"] >= 0.9 and accuracy["style"] >= 0.85, accuracy
