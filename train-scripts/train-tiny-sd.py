@@ -34,10 +34,11 @@ def main():
     work = Path(args.work_dir)
     ae_config, ldm_config = load_config(args.autoencoder_config), load_config(args.config)
 
-    dataset = ConceptWorld(size=args.dataset_size, seed=args.seed)
     autoencoder = instantiate_from_config(ae_config.model)
-    fit(autoencoder, dataset, work / "autoencoder", args.autoencoder_steps or ae_config.training.steps,
-        ae_config.training.batch_size, ae_config.model.base_learning_rate, seed=args.seed)
+    dataset = ConceptWorld(size=args.dataset_size, seed=args.seed)
+    fit(autoencoder, dataset.cropped(ae_config.training.crop_size), work / "autoencoder",
+        args.autoencoder_steps or ae_config.training.steps, ae_config.training.batch_size,
+        ae_config.model.base_learning_rate, seed=args.seed)
 
     training_config = OmegaConf.merge(ldm_config, {"model": {"params": {"use_ema": True}}})
     model = instantiate_from_config(training_config.model)

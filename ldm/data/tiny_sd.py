@@ -1,4 +1,6 @@
 """Datasets of the concept world for training tiny-sd and its evaluator (CompVis batch layout)."""
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -9,16 +11,24 @@ from ldm.data.concepts import ATTRIBUTES, random_caption, render, sample_attribu
 class ConceptWorld(Dataset):
     """``size`` rendered images with random attributes, pre-rendered once (seeded).
 
-    Items are CompVis batches: ``image`` (H, W, 3) float in [-1, 1], ``caption`` (a fresh random
-    template each time it is read, empty at the template module's rate) and the attribute indices.
+    Items are CompVis batches: ``image`` (H, W, 3) float in [-1, 1] (a random ``crop_size`` square of
+    it when set), ``caption`` (a fresh random template each time it is read, empty at the template
+    module's rate) and the attribute indices.
     """
 
-    def __init__(self, size=20000, seed=0, empty_caption_rate=0.1):
+    def __init__(self, size=20000, seed=0, empty_caption_rate=0.1, crop_size=None):
         rng = np.random.default_rng(seed)
+        self.crop_size = crop_size
         self.attributes = [sample_attributes(rng) for _ in range(size)]
         self.images = np.stack([render(*attrs, seed=(seed, i)) for i, attrs in enumerate(self.attributes)])
         self.seed, self.empty_caption_rate = seed, empty_caption_rate
         self.reads = np.zeros(size, dtype=np.int64)
+
+    def cropped(self, crop_size):
+        """The same images, read as random ``crop_size`` squares (with their own caption draws)."""
+        view = copy.copy(self)
+        view.crop_size, view.reads = crop_size, np.zeros_like(self.reads)
+        return view
 
     def __len__(self):
         return len(self.images)
@@ -27,8 +37,12 @@ class ConceptWorld(Dataset):
         obj, color, style = self.attributes[i]
         rng = np.random.default_rng((self.seed, i, int(self.reads[i])))
         self.reads[i] += 1
+        image = self.images[i]
+        if self.crop_size:  # random crops: the autoencoder is convolutional and trains faster on them
+            top, left = rng.integers(0, image.shape[0] - self.crop_size + 1, 2)
+            image = image[top:top + self.crop_size, left:left + self.crop_size]
         return {
-            "image": torch.from_numpy(self.images[i]).float() / 127.5 - 1,
+            "image": torch.from_numpy(np.ascontiguousarray(image)).float() / 127.5 - 1,
             "caption": random_caption(obj, color, style, rng, self.empty_caption_rate),
             "object": ATTRIBUTES["object"].index(obj),
             "color": ATTRIBUTES["color"].index(color),
