@@ -1,5 +1,6 @@
 """The concept world, its captions and prompt sets, and prompt-CSV validation."""
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
@@ -110,3 +111,26 @@ def test_esd_prompt_csvs_read_unchanged():
     assert sizes["vangogh_prompts.csv"] == 50
     i2p = read_prompts(folder / "unsafe-prompts4703.csv", require_guidance=True, skip_empty=True)
     assert i2p["evaluation_seed"].max() > 2**31  # seeds beyond int32 are kept exactly
+
+
+def test_precomputed_first_stage_moments_match_encoding(small_model):
+    from torch.utils.data import default_collate
+    from ldm.data.tiny_sd import ConceptWorld, WithFirstStageMoments
+    world = ConceptWorld(size=4, seed=5)
+    batch = default_collate([world[i] for i in range(4)])
+    cached = default_collate([WithFirstStageMoments(world, small_model.first_stage_model)[i] for i in range(4)])
+    batch["txt"] = cached["txt"] = batch["caption"]  # the SD v1 config's cond_stage_key
+    torch.manual_seed(0)
+    z_encoded, captions = small_model.get_input(batch, "image")
+    torch.manual_seed(0)
+    z_cached, _ = small_model.get_input(cached, "image")
+    assert torch.allclose(z_encoded, z_cached, atol=2e-2)  # moments are stored in fp16
+    assert len(captions) == 4
+
+
+def test_crops_share_the_pool():
+    from ldm.data.tiny_sd import ConceptWorld
+    world = ConceptWorld(size=3, seed=1)
+    crops = world.cropped(32)
+    assert crops[0]["image"].shape == (32, 32, 3) and world[0]["image"].shape == (64, 64, 3)
+    assert crops.images is world.images

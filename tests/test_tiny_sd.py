@@ -4,9 +4,11 @@ import importlib.util
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from ldm.evaluator import heldout_accuracy, load_evaluator
+from ldm.modules.attention import SpatialTransformer
 from ldm.paths import MODELS_DIR, REPO_ROOT
 from ldm.util import load_checkpoint_file, load_model_from_config, state_dict_from_checkpoint
 
@@ -24,8 +26,13 @@ def test_shipped_files_are_compvis_format_and_small():
     assert any(k.startswith("model.diffusion_model.input_blocks.") and ".attn2.to_k." in k for k in state_dict)
     model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
     assert 0.1 < float(model.scale_factor) < 10  # computed from the data, as CompVis' scale_by_std
-    attention_levels = {k.split(".")[2] for k in state_dict if ".attn2." in k and "input_blocks" in k}
-    assert len(attention_levels) >= 2  # cross-attention at two or more resolutions
+    sizes = set()
+    for block in model.model.diffusion_model.modules():
+        if isinstance(block, SpatialTransformer):
+            block.register_forward_hook(lambda module, args, out: sizes.add(out.shape[-1]))
+    with torch.no_grad():
+        model.apply_model(torch.randn(1, 4, 16, 16), torch.tensor([500]), model.get_learned_conditioning(["a star"]))
+    assert len(sizes) >= 2  # cross-attention at two or more resolutions
 
 
 def test_evaluator_is_accurate_on_fresh_images():
