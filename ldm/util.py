@@ -137,11 +137,13 @@ def _is_ignored(key, ignored):
 def load_state_dict_strict(model, state_dict, ignored=IGNORED_CHECKPOINT_KEYS, source="checkpoint"):
     """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key is a UsageError.
 
-    Keys matching ``ignored`` (shell-style patterns) are skipped on purpose; nothing else is, so a
-    checkpoint that does not fit its config can never silently leave initial weights in place.
+    Checkpoint keys matching ``ignored`` (shell-style patterns) that the model lacks are skipped on
+    purpose, and so are such model keys the checkpoint lacks; nothing else is, so a checkpoint that does
+    not fit its config can never silently leave initial weights in place.
     """
     own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items() if not _is_ignored(k, ignored)}
+    # an ignored key is skipped only where the model has no such key (an EMA model loads model_ema.*)
+    state_dict = {k: v for k, v in state_dict.items() if k in own or not _is_ignored(k, ignored)}
     missing = [k for k in own if k not in state_dict and not _is_ignored(k, ignored)]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(own[k].shape)} in model"

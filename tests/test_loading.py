@@ -63,6 +63,17 @@ def test_model_ema_and_legacy_keys_are_ignored_on_purpose(small_model):
     load_state_dict_strict(small_model, state_dict)
 
 
+def test_ema_weights_load_into_a_model_that_keeps_ema(small_config, small_model):
+    config = OmegaConf.merge(small_config, {"model": {"params": {"use_ema": True}}})
+    with_ema = instantiate_from_config(config.model)
+    state_dict = with_ema.state_dict()
+    state_dict = {k: v + 1 if k.startswith("model_ema.") and v.is_floating_point() else v
+                  for k, v in state_dict.items()}
+    fresh = instantiate_from_config(config.model)
+    load_state_dict_strict(fresh, state_dict)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state_dict.items())
+
+
 def test_mismatched_checkpoint_names_keys_and_shapes(small_model, small_config):
     wider = OmegaConf.merge(small_config, {"model": {"params": {"unet_config": {"params": {"model_channels": 64}}}}})
     model = instantiate_from_config(wider.model)
