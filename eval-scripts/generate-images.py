@@ -46,7 +46,7 @@ def main():
     generator = load_generator(device, model_name=model_name, ckpt_path=args.ckpt_path,
                                config_path=args.config_path, diffusers_path=args.diffusers_path,
                                unsafe_pickle=args.unsafe_pickle)
-    out_dir = Path(args.save_path) / model_name
+    out_dir = Path(args.save_path) / Path(model_name).name
     check_settings(out_dir, generation_settings(generator, args), overwrite=args.overwrite)
     jobs = make_jobs(prompts, args.num_samples, args.guidance_scale, args.from_case, args.till_case,
                      args.guidance_from_csv)

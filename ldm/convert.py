@@ -21,12 +21,14 @@ def pixel_size(config):
     return params["image_size"] * 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
 
 
-def _convert(model_class, make_config, convert, state_dict, config):
+def _convert(model_class, make_config, convert, state_dict, config, complete_config=None):
     """Build a diffusers model from its config-maker and weight converter, loading it strictly."""
     original = _original_config(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # image_size is deprecated there but still needed
         model_config = make_config(original, state_dict, image_size=pixel_size(original))
+    if complete_config is not None:
+        complete_config(model_config, original)
     weights = convert(state_dict, model_config)
     with torch.device("meta"):
         model = model_class(**model_config)
@@ -39,7 +41,16 @@ def convert_unet(state_dict, config):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
     return _convert(UNet2DConditionModel, create_unet_diffusers_config_from_ldm, convert_ldm_unet_checkpoint,
-                    state_dict, config)
+                    state_dict, config, _heads_from_head_channels)
+
+
+def _heads_from_head_channels(unet_config, original):
+    """diffusers derives the head count from ``num_head_channels`` only for SD 2 (linear projections);
+    a CompVis UNet with ``num_head_channels`` and conv projections (tiny-sd) needs it per level."""
+    params = original["model"]["params"]["unet_config"]["params"]
+    if unet_config.get("attention_head_dim") is None and params.get("num_head_channels", -1) > 0:
+        unet_config["attention_head_dim"] = [params["model_channels"] * mult // params["num_head_channels"]
+                                             for mult in params["channel_mult"]]
 
 
 def convert_vae(state_dict, config):

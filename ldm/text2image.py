@@ -46,9 +46,9 @@ def make_jobs(prompts, num_samples, guidance_scale, from_case=0, till_case=None,
 class CompVisModel:
     """A CompVis LatentDiffusion model as an image generator."""
 
-    def __init__(self, config_path, ckpt_path, device, unsafe_pickle=False):
-        self.model = load_model_from_config(load_config(config_path), ckpt_path, device=device,
-                                            unsafe_pickle=unsafe_pickle)
+    def __init__(self, config_path, ckpt_path, device, unsafe_pickle=False, model=None):
+        self.model = model if model is not None else load_model_from_config(
+            load_config(config_path), ckpt_path, device=device, unsafe_pickle=unsafe_pickle)
         self.identity = {"config": str(config_path), "ckpt": str(ckpt_path)}
 
     def latent_shape(self, image_size):
@@ -84,15 +84,22 @@ class DiffusersModel:
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def resolve_model_dir(model_name):
-    """``models/<name>`` (or a path) holding ``config.yaml`` and ``model.ckpt``/``model.safetensors``."""
+def model_folder(model_name):
+    """``models/<name>`` (or a path): an existing folder, or a UsageError listing the models here."""
     folder = Path(model_name) if Path(model_name).is_dir() else MODELS_DIR / model_name
     if not folder.is_dir():
         known = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.yaml").is_file())
         raise UsageError(f"model '{model_name}' not found: no folder {folder}; models here: {', '.join(known)}")
+    return folder
+
+
+def resolve_model_dir(model_name):
+    """``models/<name>`` (or a path) holding ``config.yaml`` and ``model.ckpt``/``model.safetensors``."""
+    folder = model_folder(model_name)
     ckpt = next((folder / n for n in ("model.ckpt", "model.safetensors") if (folder / n).is_file()), None)
     if not (folder / "config.yaml").is_file() or ckpt is None:
-        raise UsageError(f"model folder '{folder}' needs config.yaml and model.ckpt (or model.safetensors)")
+        raise UsageError(f"model folder '{folder}' needs config.yaml and model.ckpt (or model.safetensors), "
+                         "or, for an erasure run, trained-params.safetensors")
     return folder / "config.yaml", ckpt
 
 
@@ -105,6 +112,11 @@ def load_generator(device, model_name=None, ckpt_path=None, config_path=None, di
         if not (ckpt_path and config_path):
             raise UsageError("--ckpt_path and --config_path go together")
         return CompVisModel(config_path, ckpt_path, device, unsafe_pickle)
+    from ldm.erasure.runs import TRAINED_PARAMS, is_run_dir, load_run_model
+    folder = model_folder(model_name)
+    if is_run_dir(folder) and not (folder / "model.ckpt").is_file():
+        return CompVisModel(folder / "config.yaml", folder / TRAINED_PARAMS, device,
+                            model=load_run_model(folder, device, unsafe_pickle))
     config, ckpt = resolve_model_dir(model_name)
     return CompVisModel(config, ckpt, device, unsafe_pickle)
 

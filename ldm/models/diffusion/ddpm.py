@@ -58,7 +58,7 @@ class DDPM(pl.LightningModule):
                  image_size=256, channels=3, log_every_t=100, clip_denoised=True, linear_start=1e-4,
                  linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0.0, v_posterior=0.0,
                  l_simple_weight=1.0, conditioning_key=None, parameterization="eps", scheduler_config=None,
-                 use_positional_encodings=False, learn_logvar=False, logvar_init=0.0):
+                 use_positional_encodings=False, learn_logvar=False, logvar_init=0.0, min_snr_gamma=None):
         super().__init__()
         if parameterization not in ("eps", "x0"):
             raise UsageError(f"parameterization '{parameterization}' unsupported; use 'eps' or 'x0'")
@@ -81,6 +81,7 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
+        self.min_snr_gamma = min_snr_gamma
         self.monitor = monitor
         self.loss_type = loss_type
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -275,11 +276,21 @@ class LatentDiffusion(DDPM):
         prefix = "train" if self.training else "val"
         loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=(1, 2, 3))
         logvar_t = self.logvar.to(self.device)[t]
-        loss = (loss_simple / torch.exp(logvar_t) + logvar_t).mean() * self.l_simple_weight
+        loss_weighted = loss_simple * self.min_snr_weight(t) if self.min_snr_gamma else loss_simple
+        loss = (loss_weighted / torch.exp(logvar_t) + logvar_t).mean() * self.l_simple_weight
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
         loss = loss + self.original_elbo_weight * loss_vlb
         return loss, {f"{prefix}/loss_simple": loss_simple.mean(), f"{prefix}/loss_vlb": loss_vlb,
                       f"{prefix}/loss": loss}
+
+    def min_snr_weight(self, t):
+        """Min-SNR-gamma loss weight (Hang et al. 2023): min(SNR_t, gamma) / SNR_t for eps-prediction,
+        min(SNR_t, gamma) for x0. It stops the easy low-noise steps from dominating training, which
+        speeds up learning the global layout (shape, color) several-fold."""
+        alphas_cumprod = self.alphas_cumprod[t]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        return clipped / snr if self.parameterization == "eps" else clipped
 
     @torch.no_grad()
     def on_train_batch_start(self, batch, batch_idx):

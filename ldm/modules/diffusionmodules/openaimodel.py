@@ -263,6 +263,15 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
 
+    def set_gradient_checkpointing(self, enabled=True):
+        """Switch gradient checkpointing in every block after construction (``use_checkpoint``)."""
+        for module in self.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = enabled
+            if isinstance(getattr(module, "checkpoint", None), bool):
+                module.checkpoint = enabled
+        return self
+
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
         """Predict noise for ``x`` at integer ``timesteps``, attending to ``context`` (B, tokens, dim)."""
         if (y is not None) != (self.num_classes is not None):

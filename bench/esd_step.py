@@ -1,0 +1,136 @@
+"""ESD training: the project's trainer vs the original algorithm, in one process.
+
+    python bench/esd_step.py                                 # tiny-sd, CPU, ESD-x
+    python bench/esd_step.py --train_method noxattn
+    python bench/esd_step.py --size sd-v1 --device cuda      # random weights in SD v1 shapes, 512 px
+
+The naive baseline is the original script's algorithm: two full models (the frozen copy included),
+text re-encoded every iteration, the teacher's two predictions as two forwards, x_t sampled by the
+model being trained. Prints time per training iteration, time per training target, peak memory,
+and the ratios to the baseline (lower is better).
+"""
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ldm.benchmark import peak_memory
+from ldm.cli import new_parser, parse_device, run
+from ldm.erasure.esd import ESDSettings, ESDTrainer, ddpm_timestep_interval, select_parameters
+from ldm.models.diffusion.ddim import ddim_sample
+from ldm.paths import REPO_ROOT
+from ldm.util import instantiate_from_config, load_model_from_config
+
+
+class NaiveESD:
+    """The original training iteration, kept only as the benchmark's baseline."""
+
+    def __init__(self, model, settings):
+        self.model, self.settings = model, settings
+        self.model_orig = copy.deepcopy(model).requires_grad_(False)  # the second full model
+        unet = model.model.diffusion_model.requires_grad_(False)
+        params = dict(unet.named_parameters())
+        trained = [params[n].requires_grad_(True) for n in select_parameters(unet, settings.train_method)]
+        self.optimizer = torch.optim.Adam(trained, lr=settings.lr)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        factor = 2 ** model.num_downs
+        self.shape = (model.channels, settings.image_size // factor, settings.image_size // factor)
+        self.iteration = 0
+
+    def step(self):
+        s, g = self.settings, self.generator
+        word = s.words[int(torch.randint(len(s.words), (1,), generator=g))]
+        emb_0 = self.model_orig.get_learned_conditioning([""])
+        emb_p = self.model_orig.get_learned_conditioning([word])
+        emb_n = self.model.get_learned_conditioning([word])
+        x_T = torch.randn((1, *self.shape), generator=g).to(emb_0.device)
+        t_enc = int(torch.randint(s.ddim_steps, (1,), generator=g))
+        lo, hi = ddpm_timestep_interval(t_enc, s.ddim_steps)
+        t = torch.randint(lo, hi, (1,), generator=g).to(emb_0.device)
+        with torch.no_grad():
+            z, _ = ddim_sample(self.model, x_T, emb_p, self.model.get_learned_conditioning([""]), s.start_guidance,
+                               num_steps=s.ddim_steps, till_T=s.ddim_steps - t_enc)
+            e_0 = self.model_orig.apply_model(z, t, emb_0)
+            e_p = self.model_orig.apply_model(z, t, emb_p)
+        self.optimizer.zero_grad()
+        loss = F.mse_loss(self.model.apply_model(z, t, emb_n), e_0 - s.negative_guidance * (e_p - e_0))
+        loss.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        return loss.item()
+
+
+def build_model(args, device):
+    if args.size == "tiny-sd":
+        return load_model_from_config(REPO_ROOT / "models/tiny-sd/config.yaml", REPO_ROOT / "models/tiny-sd/model.ckpt",
+                                      device)
+    config = OmegaConf.load(REPO_ROOT / "configs/stable-diffusion/v1-inference.yaml")
+    torch.manual_seed(0)
+    return instantiate_from_config(config.model).to(device).eval()  # random weights, SD v1 shapes
+
+
+def main():
+    parser = new_parser(__doc__)
+    parser.add_argument("--size", choices=["tiny-sd", "sd-v1"], default="tiny-sd")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train_method", default="xattn")
+    parser.add_argument("--iterations", type=int, default=40, help="timed iterations per variant")
+    parser.add_argument("--targets_per_trajectory", type=int, default=20)
+    parser.add_argument("--ddim_steps", type=int, default=50)
+    args = parser.parse_args()
+    device = parse_device(args.device)
+    base = build_model(args, device)
+    image_size = base.image_size * 2 ** base.num_downs
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    model_bytes = sum(v.numel() * v.element_size() for v in state.values())  # the one model both start from
+    prompt = "circle" if args.size == "tiny-sd" else "Van Gogh"
+
+    def settings(**kw):
+        return ESDSettings(words=[prompt], train_method=args.train_method, lr=1e-5, ddim_steps=args.ddim_steps,
+                           image_size=image_size, iterations=args.iterations, **kw)
+
+    variants = {
+        "naive (original)": lambda m: NaiveESD(m, settings()),
+        "ours": lambda m: ESDTrainer(m, settings(), device),
+        "ours, sample_from base": lambda m: ESDTrainer(m, settings(sample_from="base"), device),
+        f"ours, reuse x{args.targets_per_trajectory}": lambda m: ESDTrainer(
+            m, settings(sample_from="base", targets_per_trajectory=args.targets_per_trajectory), device),
+    }
+
+    def fresh_model():
+        base.load_state_dict(state)
+        return base
+
+    results = {}
+    for name, make in variants.items():
+        def train_two():
+            trainer = make(fresh_model())
+            trainer.step()
+            trainer.step()
+        memory = peak_memory(train_two, device, repeats=1)
+        trainer = make(fresh_model())
+        trainer.step()  # warm-up
+        start = time.perf_counter()
+        for _ in range(args.iterations):
+            trainer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / args.iterations
+        per_iteration = seconds * getattr(trainer.settings, "targets_per_trajectory", 1)
+        results[name] = (per_iteration, seconds, model_bytes + memory)
+        del trainer
+
+    _, naive_time, naive_memory = results["naive (original)"]
+    print(f"ESD {args.train_method} on {args.size} ({device.type}), {args.ddim_steps} DDIM steps, "
+          f"{args.iterations} training targets each; an iteration is one sampling trajectory")
+    print(f"  {'variant':28s} {'s/iteration':>12s} {'s/target':>10s} {'peak MiB':>10s} {'time ratio':>11s} "
+          f"{'memory ratio':>13s}")
+    for name, (per_iteration, seconds, memory) in results.items():
+        print(f"  {name:28s} {per_iteration:12.3f} {seconds:10.3f} {memory / 2**20:10.1f} "
+              f"{seconds / naive_time:11.3f} {memory / naive_memory:13.3f}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,1 @@
+"""Concept erasure methods (ESD, ...) and their run folders."""

@@ -1,0 +1,364 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023).
+
+The model is fine-tuned so that, conditioned on the concept ``c``, it predicts the frozen model's
+negatively guided noise:  ``eps*(x_t, t, "") - eta * (eps*(x_t, t, c) - eps*(x_t, t, ""))``.
+
+One UNet is kept in memory: the frozen teacher is the same module called with the original values
+of only the trained parameters (``torch.func.functional_call``), so ESD-x costs one model plus the
+cross-attention weights, their copy and their optimizer state.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ldm.models.diffusion.ddim import ddim_sample, make_ddim_timesteps
+from ldm.util import UsageError
+
+
+def _out_layer(name):
+    return name.startswith("out.")
+
+
+# Which UNet parameters each --train_method trains (names relative to the UNet, as in CompVis).
+TRAIN_METHODS = {
+    "xattn": lambda n: "attn2" in n,
+    "noxattn": lambda n: not (_out_layer(n) or "attn2" in n or "time_embed" in n),
+    "selfattn": lambda n: "attn1" in n,
+    "full": lambda n: True,
+    "notime": lambda n: not (_out_layer(n) or "time_embed" in n),
+    "xlayer": lambda n: "attn2" in n and ("output_blocks.6." in n or "output_blocks.8." in n),
+    "selflayer": lambda n: "attn1" in n and ("input_blocks.4." in n or "input_blocks.7." in n),
+    "esd-x-strict": lambda n: "attn2.to_k" in n or "attn2.to_v" in n,
+}
+METHOD_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full"}
+
+# The original script's prompt macros.
+PROMPT_MACROS = {
+    "allartist": "Kelly Mckernan, Thomas Kinkade, Ajin Demi Human, Alena Aenami, Tyler Edlin, Kilian Eng",
+    "i2p": "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood",
+    "artifact": ("ugly, tiling, poorly drawn hands, poorly drawn feet, poorly drawn face, out of frame, mutation, "
+                 "mutated, extra limbs, extra legs, extra arms, disfigured, deformed, cross-eye, body out of frame, "
+                 "blurry, bad art, bad anatomy, blurred, text, watermark, grainy"),
+}
+
+# The original CompVis script's defaults (SD v1); a model config may carry its own (``esd_defaults:``).
+ORIGINAL_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0,
+                     "ddim_steps": 50}
+
+
+def canonical_method(train_method):
+    """The canonical name of ``train_method`` (aliases such as ``esd-x`` resolved); unknown is an error."""
+    name = METHOD_ALIASES.get(train_method, train_method)
+    if name not in TRAIN_METHODS:
+        valid = ", ".join(list(TRAIN_METHODS) + list(METHOD_ALIASES))
+        raise UsageError(f"train method '{train_method}' unknown; use one of: {valid}")
+    return name
+
+
+def select_parameters(unet, train_method):
+    """Names (relative to the UNet) of the parameters ``train_method`` trains; none is an error."""
+    rule = TRAIN_METHODS[canonical_method(train_method)]
+    names = [name for name, _ in unet.named_parameters() if rule(name)]
+    if not names:
+        raise UsageError(f"train method '{train_method}' selects no parameters of this UNet "
+                         "(its blocks are named differently); choose another --train_method")
+    return names
+
+
+def concept_words(prompt, seperator=None):
+    """The concepts to erase: macros expanded, split on ``seperator`` (the original's spelling)."""
+    prompt = PROMPT_MACROS.get(prompt, prompt)
+    words = [w.strip() for w in prompt.split(seperator)] if seperator else [prompt.strip()]
+    words = [w for w in words if w]
+    if not words:
+        raise UsageError("--prompt is empty; name the concept to erase, e.g. --prompt 'Van Gogh'")
+    return words
+
+
+def run_name(prompt, train_method, start_guidance, negative_guidance, iterations, lr):
+    """The original script's run name, e.g. ``compvis-word_VanGogh-method_xattn-sg_3-ng_1-iter_1000-lr_1e-05``."""
+    def number(x):
+        return str(int(x)) if float(x).is_integer() else str(x)
+    return (f"compvis-word_{prompt.replace(' ', '')}-method_{train_method}-sg_{number(start_guidance)}"
+            f"-ng_{number(negative_guidance)}-iter_{iterations}-lr_{lr}")
+
+
+def ddpm_timestep_interval(t_enc, ddim_steps, num_timesteps=1000):
+    """The DDPM timesteps ``[lo, hi)`` that DDIM step ``t_enc`` (0 = least noisy) covers, as in ESD."""
+    lo = round(t_enc / ddim_steps * num_timesteps)
+    hi = round((t_enc + 1) / ddim_steps * num_timesteps)
+    return lo, max(hi, lo + 1)
+
+
+def esd_target(e_anchor, e_uncond, e_concept, negative_guidance):
+    """ESD's negatively guided target: ``e_anchor - eta * (e_concept - e_uncond)``.
+
+    ``e_anchor`` is the unconditional prediction for plain ESD, the prediction for ``--erase_from``'s
+    concept B for attribute erasure.
+    """
+    return e_anchor - negative_guidance * (e_concept - e_uncond)
+
+
+class Teacher:
+    """The frozen model: ``unet`` evaluated with the original values of its trained parameters.
+
+    On the same device, nothing but those values is copied. On another device (``--devices 0,1``)
+    the teacher is a frozen copy of the whole UNet there, as the original two-GPU setup.
+    """
+
+    def __init__(self, unet, trained_names, device=None):
+        self.unet = unet
+        params = dict(unet.named_parameters())
+        self.device = device or params[trained_names[0]].device
+        if self.device == params[trained_names[0]].device:
+            self.original = {n: params[n].detach().clone() for n in trained_names}
+            self.copy = None
+        else:
+            import copy
+            self.copy = copy.deepcopy(unet).to(self.device).requires_grad_(False).eval()
+            self.original = {}
+
+    def original_values(self, names):
+        """The frozen values of the parameters ``names``."""
+        if self.copy is None:
+            return {n: self.original[n] for n in names}
+        params = dict(self.copy.named_parameters())
+        return {n: params[n].detach() for n in names}
+
+    @torch.no_grad()
+    def __call__(self, x, t, context):
+        home = x.device
+        if self.copy is not None:
+            return self.copy(x.to(self.device), t.to(self.device), context=context.to(self.device)).to(home)
+        return functional_call(self.unet, self.original, (x, t), {"context": context}, strict=False)
+
+
+class Denoiser:
+    """What ``ddim_sample`` needs (``apply_model``, ``num_timesteps``, ``alphas_cumprod``) over a UNet call."""
+
+    def __init__(self, model, unet_call):
+        self.model, self.unet_call = model, unet_call
+        self.num_timesteps, self.alphas_cumprod = model.num_timesteps, model.alphas_cumprod
+
+    def apply_model(self, x, t, cond):
+        return self.unet_call(x, t, cond)
+
+
+@dataclass
+class ESDSettings:
+    """Everything that determines an ESD run (recorded in the run's config.yaml)."""
+    words: list
+    train_method: str = "xattn"
+    start_guidance: float = 3.0
+    negative_guidance: float = 1.0
+    iterations: int = 1000
+    lr: float = 1e-5
+    ddim_steps: int = 50
+    image_size: int = 512
+    sample_from: str = "esd"
+    erase_from: str = None
+    targets_per_trajectory: int = 1
+    seed: int = 0
+
+    def check(self):
+        """Refuse contradictory settings with one line each."""
+        canonical_method(self.train_method)
+        if self.sample_from not in ("esd", "base"):
+            raise UsageError(f"--sample_from '{self.sample_from}' unknown; use 'esd' or 'base'")
+        if self.erase_from is not None and self.erase_from.strip() in self.words:
+            raise UsageError(f"--erase_from '{self.erase_from}' equals the concept to erase; "
+                             "name the broader concept it should be erased from (e.g. 'cowboy' for 'cowboy hat')")
+        if self.targets_per_trajectory < 1:
+            raise UsageError("--targets_per_trajectory must be >= 1")
+        if self.targets_per_trajectory > 1 and self.sample_from != "base":
+            raise UsageError("--targets_per_trajectory > 1 reuses the frozen model's sampling trajectory; "
+                             "it needs --sample_from base")
+        if self.targets_per_trajectory > self.ddim_steps:
+            raise UsageError(f"--targets_per_trajectory must be <= --ddim_steps ({self.ddim_steps})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.iterations < 1 or self.ddim_steps < 1:
+            raise UsageError("--iterations and --ddim_steps must be >= 1")
+        return self
+
+    def as_dict(self):
+        return asdict(self)
+
+
+class NonFiniteLoss(UsageError):
+    """The loss became NaN or infinite; the weights before that iteration are kept."""
+
+
+class ESDTrainer:
+    """ESD's training loop over a ``LatentDiffusion`` model, one training target per iteration.
+
+    ``step()`` runs one iteration; ``state_dict()``/``load_state_dict()`` hold everything a resumed
+    run needs (trained weights, optimizer, RNG, iteration, losses) so that resuming gives the same
+    weights as an uninterrupted run.
+    """
+
+    def __init__(self, model, settings, device="cpu", teacher_device=None, autocast_dtype=None):
+        self.model, self.settings = model, settings.check()
+        self.unet = model.model.diffusion_model
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.trained_names = select_parameters(self.unet, settings.train_method)
+        self.unet.requires_grad_(False)
+        params = dict(self.unet.named_parameters())
+        self.trained = [params[n].requires_grad_(True) for n in self.trained_names]
+        self.teacher = Teacher(self.unet, self.trained_names, device=teacher_device)
+        self.optimizer = torch.optim.Adam(self.trained, lr=settings.lr)
+        # fp16 autocast needs loss scaling; the weights and Adam's state stay fp32 either way
+        use_scaler = autocast_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.iteration, self.losses = 0, []
+        self._pending = []  # reused-trajectory targets not yet trained on
+        with torch.no_grad():
+            prompts = ["", *settings.words] + ([settings.erase_from] if settings.erase_from else [])
+            embeddings = model.get_learned_conditioning(prompts).to(self.device)
+        self.uncond = embeddings[:1]
+        self.concepts = embeddings[1:1 + len(settings.words)]
+        self.anchor = embeddings[-1:] if settings.erase_from else None
+        factor = 2 ** model.num_downs
+        self.latent_shape = (model.channels, settings.image_size // factor, settings.image_size // factor)
+        self.timesteps = make_ddim_timesteps(settings.ddim_steps, model.num_timesteps)
+
+    def _autocast(self):
+        enabled = self.autocast_dtype is not None and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    def _student(self, x, t, context):
+        with self._autocast():
+            return self.unet(x, t, context=context).float()
+
+    def _teacher(self, x, t, context):
+        with self._autocast():
+            return self.teacher(x, t, context).float()
+
+    def _randint(self, high, low=0):
+        return int(torch.randint(low, high, (1,), generator=self.generator))
+
+    def _targets(self):
+        """``(x_t, t, context for the student, target)`` for the next iteration."""
+        s = self.settings
+        if s.targets_per_trajectory > 1:
+            if not self._pending:
+                self._pending = self._trajectory_targets()
+            return self._pending.pop(0)
+        concept, sample_with, x_T = self._draw_concept_and_noise()
+        t_enc = self._randint(s.ddim_steps)  # DDIM step, 0 = least noisy
+        lo, hi = ddpm_timestep_interval(t_enc, s.ddim_steps, self.model.num_timesteps)
+        t = torch.tensor([self._randint(hi, lo)], device=self.device)
+        sampler = self._teacher if s.sample_from == "base" else self._student
+        with torch.no_grad():
+            # run the steps above t_enc, so that x_t sits at DDIM step t_enc's timestep, inside [lo, hi)
+            x_t, _ = ddim_sample(Denoiser(self.model, sampler), x_T, sample_with, self.uncond, s.start_guidance,
+                                 num_steps=s.ddim_steps, till_T=s.ddim_steps - t_enc)
+            contexts = [self.uncond, concept] + ([self.anchor] if self.anchor is not None else [])
+            e = self._teacher(x_t.expand(len(contexts), -1, -1, -1), t.expand(len(contexts)), torch.cat(contexts))
+        return self._target(x_t, t, concept, e_uncond=e[0:1], e_concept=e[1:2], e_anchor=e[2:3])
+
+    def _draw_concept_and_noise(self):
+        word = self._randint(len(self.settings.words))
+        concept = self.concepts[word:word + 1]
+        sample_with = self.anchor if self.anchor is not None else concept  # erase_from: x_t shows B
+        x_T = torch.randn((1, *self.latent_shape), generator=self.generator).to(self.device)
+        return concept, sample_with, x_T
+
+    def _target(self, x_t, t, concept, e_uncond, e_concept, e_anchor):
+        """The training tuple; with ``--erase_from`` the student sees B and the anchor is eps*(B)."""
+        if self.anchor is None:
+            return x_t, t, concept, esd_target(e_uncond, e_uncond, e_concept, self.settings.negative_guidance)
+        return x_t, t, self.anchor, esd_target(e_anchor, e_uncond, e_concept, self.settings.negative_guidance)
+
+    @torch.no_grad()
+    def _trajectory_targets(self):
+        """Trajectory reuse: one frozen-model CFG trajectory supplies ``targets_per_trajectory`` targets.
+
+        Its batched unconditional/conditional predictions at each visited ``x_t`` are exactly the
+        teacher's predictions there, so they cost nothing extra (the concept prediction for
+        ``--erase_from`` costs one forward per target). ``t`` is the DDIM step's own timestep.
+        """
+        s = self.settings
+        concept, sample_with, x_T = self._draw_concept_and_noise()
+        chosen = sorted(torch.randperm(s.ddim_steps, generator=self.generator)[:s.targets_per_trajectory].tolist(),
+                        reverse=True)
+        visited = []
+
+        def recording_teacher(x, t, context):
+            e = self._teacher(x, t, context)
+            if x.shape[0] == 1:  # guidance 1: the sampler skipped the unconditional half
+                visited.append((x, t, self._teacher(x, t, self.uncond), e))
+            else:
+                visited.append((x[:1], t[:1], *e.chunk(2)))
+            return e
+
+        ddim_sample(Denoiser(self.model, recording_teacher), x_T, sample_with, self.uncond, s.start_guidance,
+                    num_steps=s.ddim_steps, till_T=s.ddim_steps - min(chosen))
+        targets = []
+        for index in chosen:  # DDIM index, visited in the sampler's order (noisiest first)
+            x_t, t, e_uncond, e_cond = visited[s.ddim_steps - 1 - index]
+            if self.anchor is None:
+                targets.append(self._target(x_t, t, concept, e_uncond, e_cond, None))
+            else:
+                targets.append(self._target(x_t, t, concept, e_uncond, self._teacher(x_t, t, concept), e_cond))
+        return targets
+
+    def step(self):
+        """One ESD iteration; returns its loss. A non-finite loss raises before any weight changes."""
+        x_t, t, context, target = self._targets()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(self._student(x_t, t, context), target)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; the weights from before "
+                                "it are kept; lower --lr or check the model's weights")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.iteration += 1
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def trained_state(self):
+        """The trained parameters as a state dict with CompVis keys (``model.diffusion_model.*``)."""
+        return {f"model.diffusion_model.{n}": p.detach().cpu().contiguous()
+                for n, p in zip(self.trained_names, self.trained)}
+
+    def state_dict(self):
+        """Everything a resumed run needs; only tensors and plain Python values (loads with weights_only)."""
+        return {"trained": self.trained_state(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "iteration": self.iteration, "losses": list(self.losses),
+                "pending": [tuple(v.cpu() for v in p) for p in self._pending],
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "settings": self.settings.as_dict()}
+
+    def load_state_dict(self, state):
+        """Continue from ``state`` (see :meth:`state_dict`); settings must match."""
+        if state["settings"] != self.settings.as_dict():
+            changed = sorted(k for k in state["settings"] if state["settings"][k] != self.settings.as_dict().get(k))
+            raise UsageError(f"cannot resume: the checkpoint was made with other settings ({', '.join(changed)}); "
+                             "rerun with the same arguments or start a new run")
+        with torch.no_grad():
+            for n, p in zip(self.trained_names, self.trained):
+                p.copy_(state["trained"][f"model.diffusion_model.{n}"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.iteration, self.losses = int(state["iteration"]), list(state["losses"])
+        self._pending = [tuple(v.to(self.device) for v in p) for p in state["pending"]]
+
+    def restore_original(self):
+        """Put the frozen model's values back into the trained parameters (the base model again)."""
+        params = dict(self.unet.named_parameters())
+        with torch.no_grad():
+            for n, value in self.teacher.original_values(self.trained_names).items():
+                params[n].copy_(value)

@@ -1,0 +1,193 @@
+"""Run folders of erasure methods: ``models/<run_name>/`` with the trained parameters, their config
+and the base model's identity, loadable by name wherever a model is named.
+
+    models/<run_name>/
+      config.yaml                 the base model's CompVis config (model:) plus run: (every argument)
+                                  and base_model: (config, checkpoint path, size, sha256)
+      trained-params.safetensors  the trained parameters alone, CompVis keys; applied over the base
+      model.ckpt                  optional (--save_compvis): the whole edited CompVis checkpoint
+      checkpoints/last.pt         periodic resumable state (trained weights, optimizer, RNG)
+"""
+import hashlib
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from ldm.paths import MODELS_DIR, resolve_path
+from ldm.util import (UsageError, atomic_path, atomic_save, load_config, load_model_from_config)
+
+TRAINED_PARAMS = "trained-params.safetensors"
+RESUME_STATE = Path("checkpoints") / "last.pt"
+
+
+def file_sha256(path, chunk=1 << 24):
+    """Hex SHA-256 of a file (the base checkpoint's identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_identity(config_path, ckpt_path):
+    """What names the base model a run edits: paths, size and SHA-256 of its checkpoint."""
+    ckpt = Path(resolve_path(ckpt_path)).resolve()
+    return {"config_path": str(Path(resolve_path(config_path)).resolve()), "ckpt_path": str(ckpt),
+            "ckpt_bytes": ckpt.stat().st_size, "ckpt_sha256": file_sha256(ckpt)}
+
+
+def prepare_run_dir(name, resume=False, overwrite=False, root=MODELS_DIR):
+    """``root/name``, new or (with ``resume``) holding a resumable state; never silently reused."""
+    run_dir = Path(root) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume and (run_dir / RESUME_STATE).is_file():
+            return run_dir
+        if overwrite:
+            return run_dir
+        hint = "pass --resume to continue it, " if (run_dir / RESUME_STATE).is_file() else ""
+        raise UsageError(f"run folder '{run_dir}' already exists; {hint}pass --overwrite to replace it, "
+                         "or choose another --run_name")
+    if resume:
+        raise UsageError(f"nothing to resume: '{run_dir / RESUME_STATE}' does not exist; drop --resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_run_config(run_dir, model_config, run_args, base):
+    """``config.yaml``: the base model's config with ``run:`` and ``base_model:`` sections added."""
+    config = OmegaConf.merge(model_config, {"run": run_args, "base_model": base})
+    with atomic_path(Path(run_dir) / "config.yaml") as tmp:
+        OmegaConf.save(config, tmp)
+
+
+def save_trained_params(run_dir, state_dict, metadata):
+    """Write the trained parameters (CompVis keys) as safetensors, atomically."""
+    with atomic_path(Path(run_dir) / TRAINED_PARAMS) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in metadata.items()})
+
+
+def apply_trained_params(model, path):
+    """Copy a run's trained parameters into ``model``; every key must exist with the same shape."""
+    params = load_file(str(path))
+    state = model.state_dict()
+    missing = [k for k in params if k not in state]
+    if missing:
+        raise UsageError(f"'{path}' holds parameters this model lacks ({', '.join(missing[:3])}...); "
+                         "it was trained on another base model")
+    wrong = [k for k, v in params.items() if state[k].shape != v.shape]
+    if wrong:
+        raise UsageError(f"'{path}' has parameters of other shapes ({', '.join(wrong[:3])}); "
+                         "it was trained on another base model")
+    with torch.no_grad():
+        for key, value in params.items():
+            state[key].copy_(value)
+    return model
+
+
+def is_run_dir(folder):
+    """Whether ``folder`` is a run folder (trained parameters over a named base model)."""
+    return (Path(folder) / TRAINED_PARAMS).is_file() and (Path(folder) / "config.yaml").is_file()
+
+
+def load_run_model(run_dir, device="cpu", unsafe_pickle=False):
+    """The edited model of a run folder: its whole ``model.ckpt`` when saved, else base + trained params."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    if (run_dir / "model.ckpt").is_file():
+        return load_model_from_config(config, run_dir / "model.ckpt", device, unsafe_pickle)
+    base = config.get("base_model")
+    if base is None:
+        raise UsageError(f"'{run_dir}/config.yaml' has no base_model: section; it is not a run folder")
+    ckpt = Path(base.ckpt_path)
+    if not ckpt.is_file():
+        raise UsageError(f"the base checkpoint of run '{run_dir.name}' is missing: {ckpt}; put it back or "
+                         "edit base_model.ckpt_path in its config.yaml")
+    if ckpt.stat().st_size != base.ckpt_bytes:
+        raise UsageError(f"the base checkpoint {ckpt} is not the one run '{run_dir.name}' was trained on "
+                         f"(size {ckpt.stat().st_size} != {base.ckpt_bytes} bytes)")
+    model = load_model_from_config(config, ckpt, "cpu", unsafe_pickle)
+    return apply_trained_params(model, run_dir / TRAINED_PARAMS).to(device).eval()
+
+
+def save_resume_state(run_dir, state):
+    """Write the resumable state atomically (the previous one stays until the new one is complete)."""
+    return atomic_save(state, Path(run_dir) / RESUME_STATE)
+
+
+def load_resume_state(run_dir):
+    """The resumable state, loaded safely (tensors and plain values only)."""
+    return torch.load(Path(run_dir) / RESUME_STATE, map_location="cpu", weights_only=True)
+
+
+def run_training(trainer, iterations, run_dir, save_every=0, progress=True):
+    """Step ``trainer`` (anything with ``step()``, ``iteration``, ``state_dict()``) up to ``iterations``,
+    writing the resumable state every ``save_every`` iterations and at the end. A failing step
+    leaves the last good state on disk and re-raises."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=iterations, initial=trainer.iteration, desc="erasing", disable=not progress)
+    while trainer.iteration < iterations:
+        try:
+            loss = trainer.step()
+        except Exception:
+            save_resume_state(run_dir, trainer.state_dict())
+            raise
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        if save_every and trainer.iteration % save_every == 0:
+            save_resume_state(run_dir, trainer.state_dict())
+    bar.close()
+    save_resume_state(run_dir, trainer.state_dict())
+    return trainer
+
+
+def write_losses(run_dir, losses, title="loss"):
+    """``loss.txt`` (one loss per iteration) and ``loss.png``."""
+    from ldm.plots import save_loss_plot
+    with atomic_path(Path(run_dir) / "loss.txt") as tmp:
+        tmp.write_text("".join(f"{x}\n" for x in losses))
+    save_loss_plot(range(1, len(losses) + 1), losses, Path(run_dir) / "loss.png", title=title,
+                   smooth=max(1, min(50, len(losses) // 5)))
+
+
+GENERIC_PROMPTS = ("a photo of a dog on the beach", "a painting of a lighthouse at dusk", "a city street at night")
+
+
+def comparison_prompts(words, others=3):
+    """Prompts for a before/after grid: the erased concepts, then a few unrelated prompts (tiny-sd
+    concepts get tiny-sd prompts with and without them)."""
+    from ldm.data.prompt_sets import all_concepts, concept_prompts
+    if all(w in all_concepts() for w in words):
+        erased, unrelated = [], []
+        for word in words[:2]:
+            table = concept_prompts(word)
+            erased += table[table.set == "alone"].prompt.tolist()[:1] + table[table.set == "with_others"].prompt.tolist()[:1]
+            unrelated += table[table.set == "without"].prompt.tolist()[:others]
+        return erased + unrelated[:others]
+    return list(words[:3]) + list(GENERIC_PROMPTS[:others])
+
+
+@torch.no_grad()
+def save_before_after_grid(model, original_params, prompts, path, seeds=(0, 1), **generate_kwargs):
+    """A grid of ``prompts`` (rows) for the base and the edited model (columns, per seed).
+
+    ``original_params``: the base values of the edited UNet parameters, swapped in for the "before"
+    images and swapped back afterwards, so a single model serves both.
+    """
+    from ldm.generate import generate_grid
+    from ldm.plots import save_image_grid
+    unet = model.model.diffusion_model
+    params = dict(unet.named_parameters())
+    edited = {n: params[n].detach().clone() for n in original_params}
+    columns = []
+    for label, values in (("before", original_params), ("after", edited)):
+        for name, value in values.items():
+            params[name].copy_(value)
+        for seed in seeds:
+            images = generate_grid(model, [[p] for p in prompts], seed=seed * 1000, **generate_kwargs)
+            columns.append((f"{label} (seed {seed})", images[:, 0]))
+    images = torch.stack([torch.from_numpy(c[1]) for c in columns], dim=1).numpy()
+    return save_image_grid(images, path, row_labels=list(prompts), col_labels=[c[0] for c in columns],
+                           title="before / after erasure")

@@ -1,0 +1,219 @@
+"""ESD: parameter selection, the target, the one-UNet teacher, trajectory reuse, resume and bad input,
+on the real tiny-sd model (and SD v1's UNet on the meta device for the layer names)."""
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.erasure.esd import (METHOD_ALIASES, TRAIN_METHODS, ESDSettings, ESDTrainer, NonFiniteLoss,
+                             canonical_method, concept_words, ddpm_timestep_interval, esd_target, run_name,
+                             select_parameters)
+from ldm.erasure.runs import TRAINED_PARAMS, load_run_model
+from ldm.paths import MODELS_DIR
+from ldm.util import UsageError, atomic_save, instantiate_from_config, load_model_from_config
+
+from conftest import SD_CONFIG, run_script
+
+TINY = MODELS_DIR / "tiny-sd"
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny(tiny_state):
+    """A fresh tiny-sd model (the module's loaded weights copied in)."""
+    model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+    model.load_state_dict(tiny_state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sd_unet():
+    config = OmegaConf.load(SD_CONFIG)
+    with torch.device("meta"):
+        return instantiate_from_config(config.model.params.unet_config)
+
+
+def settings(**kw):
+    return ESDSettings(**{"words": ["circle"], "lr": 1e-3, "ddim_steps": 8, "image_size": 64, "iterations": 6, **kw})
+
+
+def test_parameter_selection_follows_the_original_rules(sd_unet):
+    names = [n for n, _ in sd_unet.named_parameters()]
+    chosen = {m: set(select_parameters(sd_unet, m)) for m in TRAIN_METHODS}
+    assert chosen["xattn"] == {n for n in names if "attn2" in n} and len(chosen["xattn"]) == 16 * 5  # 16 layers: to_q, to_k, to_v, to_out.0 (w, b)
+    assert not any("attn2" in n or "time_embed" in n or n.startswith("out.") for n in chosen["noxattn"])
+    assert chosen["noxattn"] | chosen["xattn"] | {n for n in names if "time_embed" in n or n.startswith("out.")} == set(names)
+    assert chosen["selfattn"] == {n for n in names if "attn1" in n}
+    assert chosen["full"] == set(names)
+    assert chosen["notime"] == {n for n in names if "time_embed" not in n and not n.startswith("out.")}
+    assert {n.split(".")[1] for n in chosen["xlayer"]} == {"6", "8"} and all("attn2" in n for n in chosen["xlayer"])
+    assert {n.split(".")[1] for n in chosen["selflayer"]} == {"4", "7"} and all("attn1" in n for n in chosen["selflayer"])
+    assert chosen["esd-x-strict"] == {n for n in names if ".attn2.to_k." in n or ".attn2.to_v." in n}
+    for alias, method in METHOD_ALIASES.items():
+        assert set(select_parameters(sd_unet, alias)) == chosen[method]
+
+
+def test_unknown_or_empty_selection_is_a_clear_error(tiny):
+    with pytest.raises(UsageError, match="unknown; use one of: xattn, noxattn"):
+        canonical_method("cross-attention")
+    with pytest.raises(UsageError, match="selects no parameters"):
+        select_parameters(tiny.model.diffusion_model, "xlayer")  # tiny-sd has no output_blocks.6
+
+
+def test_prompt_words_run_name_and_timestep_interval():
+    assert concept_words("Van Gogh") == ["Van Gogh"]
+    assert concept_words("circle, Van Gogh ,", ",") == ["circle", "Van Gogh"]
+    assert len(concept_words("allartist", ",")) == 6 and "nudity" in concept_words("i2p", ",")
+    with pytest.raises(UsageError, match="empty"):
+        concept_words("  ")
+    assert run_name("Van Gogh", "xattn", 3, 1, 1000, 1e-5) == \
+        "compvis-word_VanGogh-method_xattn-sg_3-ng_1-iter_1000-lr_1e-05"
+    assert ddpm_timestep_interval(0, 50) == (0, 20) and ddpm_timestep_interval(49, 50) == (980, 1000)
+
+
+def test_target_is_negatively_guided():
+    e0, ep = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    assert torch.allclose(esd_target(e0, e0, ep, 2.0), e0 - 2.0 * (ep - e0))
+
+
+def test_one_unet_teacher_equals_a_frozen_copy_after_training(tiny):
+    frozen = copy.deepcopy(tiny.model.diffusion_model)
+    trainer = ESDTrainer(tiny, settings())
+    before = {n: p.clone() for n, p in tiny.model.diffusion_model.named_parameters()}
+    for _ in range(3):
+        assert torch.isfinite(torch.tensor(trainer.step()))
+    after = dict(tiny.model.diffusion_model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= set(trainer.trained_names)  # only cross-attention moved
+    # the teacher keeps only the trained subset: one model plus the cross-attention weights
+    assert sum(v.numel() for v in trainer.teacher.original.values()) == sum(p.numel() for p in trainer.trained)
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        assert torch.allclose(trainer.teacher(x, t, c), frozen(x, t, context=c), atol=1e-6)
+        assert not torch.allclose(tiny.model.diffusion_model(x, t, context=c), frozen(x, t, context=c), atol=1e-6)
+
+
+def test_reused_trajectory_targets_are_the_teachers_predictions(tiny):
+    trainer = ESDTrainer(tiny, settings(sample_from="base", targets_per_trajectory=4, negative_guidance=2.0))
+    targets = trainer._trajectory_targets()
+    assert len(targets) == 4 and len({int(t) for _, t, _, _ in targets}) == 4
+    for x_t, t, context, target in targets:
+        e_uncond = trainer.teacher(x_t, t, trainer.uncond)
+        e_concept = trainer.teacher(x_t, t, context)
+        assert torch.allclose(target, e_uncond - 2.0 * (e_concept - e_uncond), atol=1e-5)
+
+
+def test_erase_from_trains_the_student_on_the_broader_concept(tiny):
+    trainer = ESDTrainer(tiny, settings(words=["red"], erase_from="circle"))
+    x_t, t, context, target = trainer._targets()
+    assert torch.equal(context, trainer.anchor)
+    e_b, e_a, e_0 = (trainer.teacher(x_t, t, c) for c in (trainer.anchor, trainer.concepts[:1], trainer.uncond))
+    assert torch.allclose(target, e_b - (e_a - e_0), atol=1e-5)
+    with pytest.raises(UsageError, match="equals the concept"):
+        settings(erase_from="circle").check()
+
+
+@pytest.mark.parametrize("reuse", [1, 3])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_state, tmp_path, reuse):
+    def fresh():
+        model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+        model.load_state_dict(tiny_state)
+        kw = {"sample_from": "base", "targets_per_trajectory": reuse} if reuse > 1 else {}
+        return ESDTrainer(model.eval(), settings(**kw))
+
+    whole = fresh()
+    for _ in range(5):
+        whole.step()
+    first = fresh()
+    for _ in range(2):
+        first.step()
+    atomic_save(first.state_dict(), tmp_path / "last.pt")
+    second = fresh()
+    second.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True))
+    for _ in range(3):
+        second.step()
+    assert second.losses == whole.losses
+    for a, b in zip(whole.trained, second.trained):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_loss_stops_before_changing_weights(tiny):
+    trainer = ESDTrainer(tiny, settings())
+    trainer.step()
+    with torch.no_grad():
+        trainer.trained[0].fill_(float("nan"))
+    kept = [p.clone() for p in trainer.trained[1:]]
+    with pytest.raises(NonFiniteLoss, match="at iteration 2"):
+        trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(kept, trainer.trained[1:])) and trainer.iteration == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    unet = tiny.model.diffusion_model
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    grads = []
+    for enabled in (False, True):
+        unet.set_gradient_checkpointing(enabled).zero_grad()
+        unet(x, t, context=c).square().mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters()])
+    unet.set_gradient_checkpointing(False)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_script_erases_resumes_and_refuses_to_overwrite(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--prompt", "circle", "--iterations", 4, "--ddim_steps", 6, "--lr", 1e-3, "--run_name", run_dir,
+            "--save_every", 2, "--devices", "cpu"]
+    done = run_script("train-scripts/train-esd.py", *args)
+    assert done.returncode == 0, done.stderr
+    for name in (TRAINED_PARAMS, "config.yaml", "loss.txt", "loss.png", "samples.png", "checkpoints/last.pt",
+                 "diffusers/unet/config.json"):
+        assert (run_dir / name).is_file(), name
+    assert len((run_dir / "loss.txt").read_text().split()) == 4
+    config = OmegaConf.load(run_dir / "config.yaml")
+    assert config.run.prompt == "circle" and len(config.base_model.ckpt_sha256) == 64
+    edited = load_run_model(run_dir)
+    base = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
+    differ = {k for k, v in edited.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert differ and all(".attn2." in k for k in differ)
+
+    again = run_script("train-scripts/train-esd.py", *args)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    images = run_script("eval-scripts/generate-images.py", "--model_name", run_dir, "--prompts_path",
+                        TINY.parent.parent / "data/tiny-sd/concepts/circle.csv", "--till_case", 1, "--num_samples", 1,
+                        "--ddim_steps", 5, "--save_path", tmp_path / "images", "--device", "cpu")
+    assert images.returncode == 0, images.stderr
+    assert (tmp_path / "images" / "run" / "0_0.png").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_method", "attention"], "unknown; use one of"),
+    (["--train_method", "xlayer"], "selects no parameters"),
+    (["--erase_from", "circle"], "equals the concept"),
+    (["--devices", "3"], "does not exist"),
+    (["--prompt", ""], "empty"),
+])
+def test_script_bad_input_is_one_line(tmp_path, flags, message):
+    result = run_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 1, "--run_name",
+                        tmp_path / "run", *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_script_runs_on_sd_v1_structure(tmp_path, small_config_path, small_ckpt):
+    """SD v1's config (reduced width, random weights): the layer-specific methods find their layers."""
+    result = run_script("train-scripts/train-esd.py", "--prompt", "Van Gogh", "--train_method", "xlayer",
+                        "--config_path", small_config_path, "--ckpt_path", small_ckpt, "--iterations", 2,
+                        "--ddim_steps", 4, "--run_name", tmp_path / "sd", "--no_diffusers", "--devices", "cpu")
+    assert result.returncode == 0, result.stderr
+    config = OmegaConf.load(tmp_path / "sd" / "config.yaml")
+    assert config.run.iterations == 2 and config.run.lr == 1e-5  # the original's default, not tiny-sd's
+    from safetensors.torch import load_file
+    keys = load_file(tmp_path / "sd" / TRAINED_PARAMS)
+    assert keys and all(".attn2." in k and (".output_blocks.6." in k or ".output_blocks.8." in k) for k in keys)
