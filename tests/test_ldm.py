@@ -120,3 +120,16 @@ def test_benchmark_helpers_measure_real_allocations():
     assert 200 * 2**20 < large < 400 * 2**20 and small < 64 * 2**20
     times = time_interleaved({"a": lambda: torch.ones(10).sum()}, cpu, iters=3, warmup=1)
     assert 0 < times["a"] < 1
+
+
+def test_min_snr_weight_caps_easy_timesteps(small_config):
+    config = OmegaConf.merge(small_config, {"model": {"params": {"min_snr_gamma": 5.0}}})
+    model = instantiate_from_config(config.model)
+    t = torch.arange(0, 1000, 50)
+    snr = model.alphas_cumprod[t] / (1 - model.alphas_cumprod[t])
+    weight = model.min_snr_weight(t)
+    assert torch.allclose(weight[snr > 5], 5 / snr[snr > 5]) and torch.all(weight[snr <= 5] == 1)
+    x, cond = torch.randn(2, 4, 8, 8), model.get_learned_conditioning(["a", "b"])
+    torch.manual_seed(0)
+    weighted, logs = model.p_losses(x, cond, torch.tensor([1, 900]))
+    assert weighted < logs["train/loss_simple"]  # the low-noise sample counts less
