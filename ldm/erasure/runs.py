@@ -9,6 +9,7 @@ and the base model's identity, loadable by name wherever a model is named.
       checkpoints/last.pt         periodic resumable state (trained weights, optimizer, RNG)
 """
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def prepare_run_dir(name, resume=False, overwrite=False, root=MODELS_DIR):
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume and (run_dir / RESUME_STATE).is_file():
             return run_dir
-        if overwrite:
+        if overwrite:  # start clean: stale files of the old run must not mix with the new one
+            shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
             return run_dir
         hint = "pass --resume to continue it, " if (run_dir / RESUME_STATE).is_file() else ""
         raise UsageError(f"run folder '{run_dir}' already exists; {hint}pass --overwrite to replace it, "
