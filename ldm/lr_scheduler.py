@@ -7,10 +7,12 @@ class LambdaLinearScheduler:
     def __init__(self, warm_up_steps, f_min, f_max, f_start, cycle_lengths, verbosity_interval=0):
         if not len(warm_up_steps) == len(f_min) == len(f_max) == len(f_start) == len(cycle_lengths):
             raise ValueError("LambdaLinearScheduler: all lists must have one entry per cycle")
-        self.lr_warm_up_steps, self.f_start, self.f_min, self.f_max = warm_up_steps, f_start, f_min, f_max
-        self.cycle_lengths = cycle_lengths
+        # plain lists: LambdaLR saves this object's attributes in checkpoints, which must load with
+        # torch.load(weights_only=True) (config ListConfigs would not)
+        self.lr_warm_up_steps, self.f_start = list(warm_up_steps), list(f_start)
+        self.f_min, self.f_max, self.cycle_lengths = list(f_min), list(f_max), list(cycle_lengths)
         self.cum_cycles = [0]
-        for length in cycle_lengths:
+        for length in self.cycle_lengths:
             self.cum_cycles.append(self.cum_cycles[-1] + length)
 
     def find_in_interval(self, n):

@@ -9,7 +9,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ldm.plots import save_loss_plot
-from ldm.util import atomic_save
+from ldm.util import atomic_path, atomic_save
 
 
 def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, save_every=500,
@@ -29,15 +29,33 @@ def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, 
                          logger=CSVLogger(work_dir, name="", version=""), callbacks=[checkpoints],
                          log_every_n_steps=min(25, max_steps), enable_model_summary=False, num_sanity_val_steps=0)
     last = work_dir / "last.ckpt"
+    history = _keep_metrics_history(work_dir) if last.exists() else None
     trainer.fit(model, loader, ckpt_path=str(last) if last.exists() else None)
     if (work_dir / "metrics.csv").exists():
         metrics = pd.read_csv(work_dir / "metrics.csv")
+        if history is not None and len(metrics):  # Lightning's CSVLogger restarts the file on resume
+            metrics = pd.concat([history[history["step"] < metrics["step"].min()], metrics], ignore_index=True)
+            with atomic_path(work_dir / "metrics.csv") as tmp:
+                metrics.to_csv(tmp, index=False)
         column = f"{loss_key}_step" if f"{loss_key}_step" in metrics else loss_key
         if column in metrics:
             metrics = metrics.dropna(subset=[column])
             save_loss_plot(metrics["step"], metrics[column], work_dir / "loss.png",
                            title=f"{type(model).__name__} {column}")
     return model
+
+
+def _keep_metrics_history(work_dir):
+    """Before a resumed fit: fold ``metrics.csv`` into ``metrics-history.csv`` (kept if the run is killed
+    again) and return the history so far."""
+    parts = [pd.read_csv(work_dir / name) for name in ("metrics-history.csv", "metrics.csv")
+             if (work_dir / name).exists()]
+    if not parts:
+        return None
+    history = pd.concat(parts, ignore_index=True).drop_duplicates().sort_values("step", kind="stable")
+    with atomic_path(work_dir / "metrics-history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    return history
 
 
 def export_checkpoint(model, path, half=True):

@@ -133,3 +133,21 @@ def test_min_snr_weight_caps_easy_timesteps(small_config):
     torch.manual_seed(0)
     weighted, logs = model.p_losses(x, cond, torch.tensor([1, 900]))
     assert weighted < logs["train/loss_simple"]  # the low-noise sample counts less
+
+
+def test_fit_resumes_and_keeps_the_loss_history(small_config, tmp_path):
+    from ldm.training import fit
+    import pandas as pd
+
+    def model():
+        torch.manual_seed(0)
+        return randomize_(instantiate_from_config(small_config.model), seed=2)
+
+    fit(model(), _Captions(), tmp_path, max_steps=2, batch_size=2, learning_rate=1e-4, save_every=2)
+    first = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["train/loss_step"])
+    resumed = model()
+    fit(resumed, _Captions(), tmp_path, max_steps=4, batch_size=2, learning_rate=1e-4, save_every=2)
+    metrics = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["train/loss_step"])
+    assert resumed.global_step == 4
+    assert set(first["step"]) < set(metrics["step"]) and metrics["step"].is_monotonic_increasing
+    assert (tmp_path / "loss.png").is_file()
