@@ -217,3 +217,13 @@ def test_script_runs_on_sd_v1_structure(tmp_path, small_config_path, small_ckpt)
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "sd" / TRAINED_PARAMS)
     assert keys and all(".attn2." in k and (".output_blocks.6." in k or ".output_blocks.8." in k) for k in keys)
+
+
+def test_script_stops_on_a_non_finite_loss_and_keeps_the_last_good_state(tmp_path):
+    result = run_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 5, "--ddim_steps", 4,
+                        "--lr", 1e30, "--run_name", tmp_path / "run", "--devices", "cpu", "--no_diffusers")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "at iteration" in errors[0] and "lower --lr" in errors[0]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert 1 <= state["iteration"] < 5 and all(torch.isfinite(v).all() for v in state["trained"].values())

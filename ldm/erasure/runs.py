@@ -130,18 +130,17 @@ def run_training(trainer, iterations, run_dir, save_every=0, progress=True):
     writing the resumable state every ``save_every`` iterations and at the end. A failing step
     leaves the last good state on disk and re-raises."""
     from tqdm.auto import tqdm
-    bar = tqdm(total=iterations, initial=trainer.iteration, desc="erasing", disable=not progress)
-    while trainer.iteration < iterations:
-        try:
-            loss = trainer.step()
-        except Exception:
-            save_resume_state(run_dir, trainer.state_dict())
-            raise
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}")
-        if save_every and trainer.iteration % save_every == 0:
-            save_resume_state(run_dir, trainer.state_dict())
-    bar.close()
+    with tqdm(total=iterations, initial=trainer.iteration, desc="erasing", disable=not progress) as bar:
+        while trainer.iteration < iterations:
+            try:
+                loss = trainer.step()
+            except Exception:
+                save_resume_state(run_dir, trainer.state_dict())
+                raise
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            if save_every and trainer.iteration % save_every == 0:
+                save_resume_state(run_dir, trainer.state_dict())
     save_resume_state(run_dir, trainer.state_dict())
     return trainer
 
