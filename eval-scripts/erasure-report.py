@@ -6,10 +6,13 @@
 Generates data/tiny-sd/concepts/<concept>.csv with the base and the edited model (images are cached
 under --save_path and reused), classifies them with the tiny-sd evaluator and writes, under
 --save_path/reports/<run_name>/: summary.csv (the table printed), per-concept.csv (accuracy on every
-concept, base vs edited), predictions of both models, and comparison.png (base | edited).
+concept, base vs edited), drift.csv (per prompt set, the Frechet distance from the base's images to
+the edited model's in the evaluator's feature space), predictions of both models, and comparison.png
+(base | edited).
 """
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ldm.cli import new_parser, parse_device, run
@@ -18,6 +21,7 @@ from ldm.erasure.report import (comparison_rows, erasure_summary, format_summary
                                 per_concept_accuracy, stack_pairs)
 from ldm.evaluation import classify_folder, read_images
 from ldm.evaluator import load_evaluator
+from ldm.metrics import evaluator_fid
 from ldm.paths import MODELS_DIR, REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
@@ -72,7 +76,11 @@ def main():
         per_concept_accuracy(edited, prompts), on=["attribute", "concept"], suffixes=("_base", "_edited"))
     report_dir = save_path / "reports" / Path(args.model_name).name
     report_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in (("summary.csv", summary), ("per-concept.csv", per_concept),
+    drift = pd.DataFrame([{"set": name, "prompts": len(group), "feature_distance": evaluator_fid(
+        evaluator, image_dirs[args.base_model], image_dirs[args.model_name], progress=False,
+        names=[f"{c}_{i}.png" for c in group["case_number"] for i in range(args.num_samples)])[0]}
+        for name, group in prompts.groupby("set", sort=False)])
+    for name, table in (("summary.csv", summary), ("per-concept.csv", per_concept), ("drift.csv", drift),
                         ("predictions-base.csv", base), ("predictions-edited.csv", edited)):
         with atomic_path(report_dir / name) as tmp:
             table.to_csv(tmp, index=False)
@@ -85,6 +93,8 @@ def main():
     save_image_grid(pairs, report_dir / "comparison.png", row_labels=labels, col_labels=["base", "edited"],
                     title=f"erasing '{concept}'")
     print(format_summary(summary))
+    print("evaluator-feature distance, base to edited, per prompt set: " + ", ".join(
+        f"{row.set} {row.feature_distance:.2f}" for row in drift.itertuples()))
     print(f"report in {report_dir}")
 
 

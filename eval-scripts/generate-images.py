@@ -3,7 +3,8 @@
     python eval-scripts/generate-images.py --prompts_path data/tiny-sd/quality.csv   # tiny-sd by default
 
 Writes {save_path}/{model_name}/{case_number}_{i}.png for i in range(num_samples); existing images
-are kept, so a killed run resumes.
+are kept, so a killed run resumes. Runs unchanged under `torchrun --nproc_per_node N` (any --nnodes),
+`accelerate launch` or `srun`: each process takes every N-th batch and its node-local GPU.
 """
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.prompts import read_prompts
-from ldm.text2image import check_settings, generation_settings, load_generator, make_jobs, run_jobs
+from ldm.text2image import (check_settings, generation_settings, load_generator, local_device, make_jobs, run_jobs,
+                            shard)
 
 
 def main():
@@ -40,19 +42,21 @@ def main():
 
     prompts = read_prompts(args.prompts_path, require_guidance=args.guidance_from_csv,
                            skip_empty=args.skip_empty_prompts)  # bad CSVs fail before any model loads
-    device = parse_device(args.device)
+    rank, world_size = shard()
+    device = local_device(parse_device(args.device))
     named = args.ckpt_path or args.diffusers_path
     model_name = args.model_name or (Path(named).stem if named else "tiny-sd")
     generator = load_generator(device, model_name=model_name, ckpt_path=args.ckpt_path,
                                config_path=args.config_path, diffusers_path=args.diffusers_path,
                                unsafe_pickle=args.unsafe_pickle)
     out_dir = Path(args.save_path) / Path(model_name).name
-    check_settings(out_dir, generation_settings(generator, args), overwrite=args.overwrite)
+    check_settings(out_dir, generation_settings(generator, args), overwrite=args.overwrite, write=rank == 0)
     jobs = make_jobs(prompts, args.num_samples, args.guidance_scale, args.from_case, args.till_case,
                      args.guidance_from_csv)
-    written = run_jobs(generator, jobs, out_dir, args.num_samples, args.ddim_steps, args.image_size,
-                       args.batch_size, overwrite=args.overwrite)
-    print(f"{written} images written, {len(jobs) - written} already there, in {out_dir}")
+    written, owned = run_jobs(generator, jobs, out_dir, args.num_samples, args.ddim_steps, args.image_size,
+                       args.batch_size, overwrite=args.overwrite, rank=rank, world_size=world_size)
+    share = "" if world_size == 1 else f"rank {rank} of {world_size}: "
+    print(f"{share}{written} images written, {owned - written} already there, in {out_dir}")
 
 
 if __name__ == "__main__":

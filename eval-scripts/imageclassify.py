@@ -5,14 +5,15 @@ torchvision's ImageNet ResNet-50.
         --prompts_path data/tiny-sd/quality.csv --save_path outputs/tiny-sd-classes.csv
 
 With tiny-sd and a prompts CSV that has object/color/style columns, also prints and saves the
-accuracy per attribute (to <save_path stem>_accuracy.csv).
+accuracy per attribute (to <save_path stem>_accuracy.csv). For every prompt with several images, it
+prints how much they differ across seeds.
 """
 from pathlib import Path
 
 import torch
 
 from ldm.cli import new_parser, parse_device, run
-from ldm.evaluation import attribute_accuracy, classify_folder
+from ldm.evaluation import attribute_accuracy, classify_folder, list_images, seed_diversity
 from ldm.evaluator import load_evaluator
 from ldm.imagenet import classify_folder_imagenet
 from ldm.paths import MODELS_DIR
@@ -52,6 +53,10 @@ def main():
             print(accuracy.to_string(index=False, formatters={"accuracy": "{:.1%}".format}))
             with atomic_path(save_path.with_name(save_path.stem + "_accuracy.csv")) as tmp:
                 accuracy.to_csv(tmp, index=False)
+    diversity = seed_diversity(args.folder_path, list_images(args.folder_path))
+    if len(diversity):
+        print(f"seeds: {diversity['all_distinct'].mean():.1%} of {len(diversity)} prompts have all their images "
+              f"distinct; mean pairwise difference {diversity['mean_pair_difference'].mean():.1f}/255")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,22 @@ def attribute_accuracy(results, prompts):
             correct = results.loc[named, f"pred_{head}"] == expected[named]
             rows.append({"attribute": head, "images": int(named.sum()), "accuracy": float(correct.mean())})
     return pd.DataFrame(rows, columns=["attribute", "images", "accuracy"])
+
+
+def seed_diversity(folder, table, min_difference=1.0):
+    """How much the images of one prompt differ across seeds.
+
+    ``table`` lists the images (``case_number``, ``image``), e.g. from ``list_images``. For every case
+    with two or more readable images: the mean absolute pixel difference (0-255) over all pairs, and
+    whether every pair differs by more than ``min_difference``. Returns one row per case.
+    """
+    rows = []
+    for case, group in table.groupby("case_number"):
+        images, _, _ = read_images(folder, group["image"])
+        if len(images) < 2:
+            continue
+        stack = np.stack(images).astype(np.float32)
+        pairs = [np.abs(stack[i] - stack[j]).mean() for i in range(len(stack)) for j in range(i + 1, len(stack))]
+        rows.append({"case_number": case, "images": len(stack), "mean_pair_difference": float(np.mean(pairs)),
+                     "all_distinct": bool(min(pairs) > min_difference)})
+    return pd.DataFrame(rows, columns=["case_number", "images", "mean_pair_difference", "all_distinct"])

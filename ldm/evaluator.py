@@ -87,12 +87,31 @@ def augment(x, generator):
     return (x * scale + shift).clamp(-1, 1)
 
 
-def train_evaluator(steps=3000, batch_size=64, lr=2e-3, seed=0, pool_size=20000, progress=True):
-    """Train a ConceptClassifier on freshly rendered images; returns the model."""
+@torch.no_grad()
+def reconstruct(first_stage, images, batch_size=200):
+    """uint8 images (B, H, W, 3) passed through an autoencoder (encode, posterior mode, decode)."""
+    from ldm.generate import to_uint8
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images_to_tensor(images[start:start + batch_size])
+        out.append(to_uint8(first_stage.decode(first_stage.encode(x).mode())))
+    return np.concatenate(out)
+
+
+def train_evaluator(steps=3000, batch_size=64, lr=2e-3, seed=0, pool_size=20000, first_stage=None,
+                    reconstructed_share=0.5, progress=True):
+    """Train a ConceptClassifier on freshly rendered images; returns the model.
+
+    With ``first_stage`` (tiny-sd's autoencoder), ``reconstructed_share`` of each batch is shown as
+    that autoencoder reconstructs it. Every generated image passes through its decoder, whose blur
+    (Seurat's dots melt into the ground, for one) is not what the evaluator should judge; a label
+    survives reconstruction, so these are label-preserving views like the other perturbations.
+    """
     from tqdm.auto import tqdm
     from ldm.data.tiny_sd import ConceptWorld
     torch.manual_seed(seed)
     pool = ConceptWorld(size=pool_size, seed=seed + 1000)
+    views = [pool.images] if first_stage is None else [pool.images, reconstruct(first_stage, pool.images)]
     labels = {name: torch.tensor([ATTRIBUTES[name].index(a[k]) for a in pool.attributes])
               for k, name in enumerate(HEADS)}
     model = ConceptClassifier()
@@ -102,7 +121,11 @@ def train_evaluator(steps=3000, batch_size=64, lr=2e-3, seed=0, pool_size=20000,
     model.train()
     for _ in tqdm(range(steps), desc="evaluator", disable=not progress):
         index = torch.randint(len(pool), (batch_size,), generator=generator)
-        x = augment(images_to_tensor(pool.images[index.numpy()]), generator)
+        images = views[0][index.numpy()]
+        if len(views) > 1:
+            swap = (torch.rand(batch_size, generator=generator) < reconstructed_share).numpy()
+            images[swap] = views[1][index.numpy()[swap]]
+        x = augment(images_to_tensor(images), generator)
         logits = model(x)
         loss = sum(F.cross_entropy(logits[name], labels[name][index]) for name in HEADS)
         optimizer.zero_grad(set_to_none=True)
@@ -112,9 +135,12 @@ def train_evaluator(steps=3000, batch_size=64, lr=2e-3, seed=0, pool_size=20000,
     return model.eval()
 
 
-def heldout_accuracy(model, count=500, seed=12345):
-    """Accuracy per head on ``count`` freshly rendered images unseen in training."""
+def heldout_accuracy(model, count=500, seed=12345, first_stage=None):
+    """Accuracy per head on ``count`` freshly rendered images unseen in training (with ``first_stage``,
+    on their reconstructions by that autoencoder instead)."""
     images, labels = render_batch(np.random.default_rng(seed), count, seed_base=10**6 + seed)
+    if first_stage is not None:
+        images = reconstruct(first_stage, images)
     predictions = classify(model, images)
     return {name: float(np.mean([ATTRIBUTES[name].index(p) for p in predictions[name][0]] == labels[name].numpy()))
             for name in HEADS}

@@ -1,4 +1,5 @@
 """PNG outputs a researcher would rather look at than read: loss curves and labelled image grids."""
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -40,10 +41,32 @@ def save_image_grid(images, path, row_labels=None, col_labels=None, title=None, 
             ax.set_yticks([])
             if r == 0 and col_labels is not None:
                 ax.set_title(col_labels[c], fontsize=8)
-            if c == 0 and row_labels is not None:
-                ax.set_ylabel(row_labels[r], fontsize=8)
+            if c == 0 and row_labels is not None:  # wrapped: a long prompt must not run into its neighbours
+                ax.set_ylabel("\n".join(textwrap.wrap(row_labels[r], 20)), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_bar_chart(labels, series, path, title=None, xlabel="images"):
+    """Horizontal grouped bars: ``series`` maps a legend name to one value per label (first on top)."""
+    labels = list(labels)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) * max(1, len(series)) + 1.2))
+    height = 0.8 / max(1, len(series))
+    positions = np.arange(len(labels))
+    for k, (name, values) in enumerate(series.items()):
+        bars = ax.barh(positions + k * height, values, height=height, label=name)
+        ax.bar_label(bars, fontsize=8, padding=2)
+    ax.set_yticks(positions + height * (len(series) - 1) / 2, labels)
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if len(series) > 1:
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

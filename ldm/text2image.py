@@ -1,7 +1,8 @@
 """Batch text-to-image from prompt CSVs, for a CompVis model or a diffusers pipeline.
 
 Each image is named ``{case_number}_{i}.png``; its start noise depends only on its row's seed and i,
-so the same row gives the same image whatever the batch size, order or sharding.
+so the same row gives the same image whatever the order, and, batches being planned from the jobs
+alone, the same pixels whether the run is split across processes or resumed.
 """
 import json
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ def load_generator(device, model_name=None, ckpt_path=None, config_path=None, di
     return CompVisModel(config, ckpt, device, unsafe_pickle)
 
 
-def check_settings(out_dir, settings, overwrite=False):
-    """Record ``settings`` in ``out_dir/generation.json``; refuse a folder made with other settings."""
+def check_settings(out_dir, settings, overwrite=False, write=True):
+    """Record ``settings`` in ``out_dir/generation.json`` (unless ``write`` is False: a sharded run's
+    other ranks only check); refuse a folder made with other settings."""
     record = out_dir / "generation.json"
     if record.exists() and not overwrite:
         previous = json.loads(record.read_text())
@@ -131,16 +133,53 @@ def check_settings(out_dir, settings, overwrite=False):
             raise UsageError(f"'{out_dir}' holds images made with other settings ({', '.join(changed)} differ); "
                              "choose another --save_path or --model_name, or pass --overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(record) as tmp:
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    if write:
+        with atomic_path(record) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def shard():
+    """(rank, world size) of this process: torchrun's or accelerate's ``RANK``/``WORLD_SIZE``, else
+    SLURM's ``SLURM_PROCID``/``SLURM_NTASKS`` (one task per GPU under srun), else (0, 1)."""
+    import os
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            rank, world = int(os.environ[rank]), int(os.environ[world])
+            if not 0 <= rank < world:
+                raise UsageError(f"process rank {rank} is outside a world of size {world}; check the launcher")
+            return rank, world
+    return 0, 1
+
+
+def local_device(device):
+    """A sharded run's GPU: each process on a node takes the CUDA device of its ``LOCAL_RANK``."""
+    import os
+    if device.type != "cuda" or "LOCAL_RANK" not in os.environ:
+        return device
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+
+
+def plan_batches(jobs, batch_size):
+    """Split jobs into batches: grouped by guidance scale (one scalar per batch), the CSV's order within
+    a group. The plan depends only on the jobs and ``batch_size``, never on what exists or who runs it."""
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job.guidance_scale, []).append(job)
+    return [group[start:start + batch_size] for group in groups.values()
+            for start in range(0, len(group), batch_size)]
 
 
 def run_jobs(generator, jobs, out_dir, num_samples, ddim_steps, image_size=None, batch_size=8, overwrite=False,
-             progress=True):
-    """Make every job's image not already in ``out_dir``, ``batch_size`` at a time; each PNG is written
-    atomically, so a killed run resumes where it stopped. Returns the number of images written."""
+             progress=True, rank=0, world_size=1):
+    """Make every job's image not already in ``out_dir``; returns (images written, images this rank owns).
+
+    Batches follow ``plan_batches``; batch k belongs to rank ``k % world_size``, so ranks never overlap
+    and together cover every batch. A batch with any image missing is generated whole, so each image
+    comes from the same batch, and the same pixels, however the run is split or resumed; only the
+    missing images are written, each atomically, so a killed run resumes where it stopped.
+    """
     out_dir = Path(out_dir)
-    todo = [job for job in jobs if overwrite or not (out_dir / job.filename).exists()]
+    batches = [batch for k, batch in enumerate(plan_batches(jobs, batch_size)) if k % world_size == rank]
     shape = generator.latent_shape(image_size)
     noise_cache = {}
 
@@ -151,21 +190,21 @@ def run_jobs(generator, jobs, out_dir, num_samples, ddim_steps, image_size=None,
             noise_cache[key] = sample_noise(job.seed, num_samples, shape)
         return noise_cache[key][job.index]
 
-    # group by guidance scale (one scalar per batch), keep the CSV's order within a group
-    groups = {}
-    for job in todo:
-        groups.setdefault(job.guidance_scale, []).append(job)
-    bar = tqdm(total=len(todo), desc="images", disable=not progress)
-    for scale, group in groups.items():
-        for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
-            images = generator([j.prompt for j in batch], torch.stack([noise(j) for j in batch]), scale, ddim_steps)
-            for job, image in zip(batch, images):
+    todo = [[job for job in batch if overwrite or not (out_dir / job.filename).exists()] for batch in batches]
+    desc = "images" if world_size == 1 else f"images (rank {rank}/{world_size})"
+    bar = tqdm(total=sum(map(len, todo)), desc=desc, disable=not progress)
+    for batch, missing in zip(batches, todo):
+        if not missing:
+            continue
+        images = generator([j.prompt for j in batch], torch.stack([noise(j) for j in batch]),
+                           batch[0].guidance_scale, ddim_steps)
+        for job, image in zip(batch, images):
+            if job in missing:
                 with atomic_path(out_dir / job.filename) as tmp:
                     Image.fromarray(image).save(tmp, format="PNG")
-            bar.update(len(batch))
+        bar.update(len(missing))
     bar.close()
-    return len(todo)
+    return sum(map(len, todo)), sum(map(len, batches))
 
 
 def generation_settings(generator, args):

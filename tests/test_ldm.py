@@ -122,13 +122,23 @@ def test_benchmark_helpers_measure_real_allocations():
     assert 0 < times["a"] < 1
 
 
-def test_min_snr_weight_caps_easy_timesteps(small_config):
-    config = OmegaConf.merge(small_config, {"model": {"params": {"min_snr_gamma": 5.0}}})
-    model = instantiate_from_config(config.model)
+def test_snr_loss_weights(small_config):
+    model = instantiate_from_config(small_config.model)
     t = torch.arange(0, 1000, 50)
     snr = model.alphas_cumprod[t] / (1 - model.alphas_cumprod[t])
-    weight = model.min_snr_weight(t)
+    assert torch.all(model.snr_loss_weight(t) == 1)  # CompVis' plain eps-loss by default
+    model.min_snr_gamma = 5.0
+    weight = model.snr_loss_weight(t)
     assert torch.allclose(weight[snr > 5], 5 / snr[snr > 5]) and torch.all(weight[snr <= 5] == 1)
+    model.truncated_snr = True  # x0-loss times SNR clamped to [1, 5]: high-noise steps weigh 1 / SNR
+    weight = model.snr_loss_weight(t)
+    assert torch.allclose(weight[snr < 1], 1 / snr[snr < 1]) and torch.allclose(weight[snr > 5], 5 / snr[snr > 5])
+    assert weight[-1] > 100 and torch.all(weight[(snr >= 1) & (snr <= 5)] == 1)
+
+
+def test_min_snr_loss_counts_easy_timesteps_less(small_config):
+    config = OmegaConf.merge(small_config, {"model": {"params": {"min_snr_gamma": 5.0}}})
+    model = instantiate_from_config(config.model)
     x, cond = torch.randn(2, 4, 8, 8), model.get_learned_conditioning(["a", "b"])
     torch.manual_seed(0)
     weighted, logs = model.p_losses(x, cond, torch.tensor([1, 900]))

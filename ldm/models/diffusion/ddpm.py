@@ -58,7 +58,8 @@ class DDPM(pl.LightningModule):
                  image_size=256, channels=3, log_every_t=100, clip_denoised=True, linear_start=1e-4,
                  linear_end=2e-2, cosine_s=8e-3, given_betas=None, original_elbo_weight=0.0, v_posterior=0.0,
                  l_simple_weight=1.0, conditioning_key=None, parameterization="eps", scheduler_config=None,
-                 use_positional_encodings=False, learn_logvar=False, logvar_init=0.0, min_snr_gamma=None):
+                 use_positional_encodings=False, learn_logvar=False, logvar_init=0.0, min_snr_gamma=None,
+                 truncated_snr=False):
         super().__init__()
         if parameterization not in ("eps", "x0"):
             raise UsageError(f"parameterization '{parameterization}' unsupported; use 'eps' or 'x0'")
@@ -82,6 +83,7 @@ class DDPM(pl.LightningModule):
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
         self.min_snr_gamma = min_snr_gamma
+        self.truncated_snr = truncated_snr
         self.monitor = monitor
         self.loss_type = loss_type
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -276,21 +278,30 @@ class LatentDiffusion(DDPM):
         prefix = "train" if self.training else "val"
         loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=(1, 2, 3))
         logvar_t = self.logvar.to(self.device)[t]
-        loss_weighted = loss_simple * self.min_snr_weight(t) if self.min_snr_gamma else loss_simple
+        loss_weighted = loss_simple * self.snr_loss_weight(t)
         loss = (loss_weighted / torch.exp(logvar_t) + logvar_t).mean() * self.l_simple_weight
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
         loss = loss + self.original_elbo_weight * loss_vlb
         return loss, {f"{prefix}/loss_simple": loss_simple.mean(), f"{prefix}/loss_vlb": loss_vlb,
                       f"{prefix}/loss": loss}
 
-    def min_snr_weight(self, t):
-        """Min-SNR-gamma loss weight (Hang et al. 2023): min(SNR_t, gamma) / SNR_t for eps-prediction,
-        min(SNR_t, gamma) for x0. It stops the easy low-noise steps from dominating training, which
-        speeds up learning the global layout (shape, color) several-fold."""
+    def snr_loss_weight(self, t):
+        """Per-sample weight of the simple loss at timesteps ``t`` (1 unless a weighting is configured).
+
+        ``min_snr_gamma`` (Hang et al. 2023) caps the weight of the easy low-noise steps: x0-loss times
+        min(SNR, gamma). ``truncated_snr`` (Salimans & Ho 2022) lifts the high-noise steps to at least the
+        x0-loss: x0-loss times max(SNR, 1). For an eps-model, whose eps-loss is SNR times its x0-loss, the
+        high-noise steps that decide layout and color otherwise weigh almost nothing. Together: x0-loss
+        times SNR clamped to [1, gamma]. Returned as the factor on the model's own (eps or x0) loss.
+        """
         alphas_cumprod = self.alphas_cumprod[t]
         snr = alphas_cumprod / (1 - alphas_cumprod)
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        return clipped / snr if self.parameterization == "eps" else clipped
+        x0_weight = snr.clone()
+        if self.min_snr_gamma:
+            x0_weight = x0_weight.clamp(max=self.min_snr_gamma)
+        if self.truncated_snr:
+            x0_weight = x0_weight.clamp(min=1.0)
+        return x0_weight / snr if self.parameterization == "eps" else x0_weight
 
     @torch.no_grad()
     def on_train_batch_start(self, batch, batch_idx):

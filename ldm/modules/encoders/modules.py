@@ -72,6 +72,9 @@ class FrozenCLIPEmbedder(AbstractEncoder):
                 torch.manual_seed(0)  # deterministic placeholder until the checkpoint's weights load
                 self.transformer = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder)))
         self.max_length = max_length
+        # tokenizer_config says 77; a model trained on shorter contexts (tiny-sd) keeps its tokenizer in step,
+        # so a diffusers pipeline built from it pads to the same length
+        self.tokenizer.model_max_length = max_length
         self.layer, self.layer_idx = layer, layer_idx
         if not hasattr(self.transformer, "text_model"):
             # transformers >= 5 dropped the `text_model.` level that every CompVis checkpoint stores.
