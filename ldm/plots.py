@@ -1,12 +1,22 @@
 """PNG outputs a researcher would rather look at than read: loss curves and labelled image grids."""
 import textwrap
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ldm.util import atomic_path  # noqa: E402
+
+
+def save_figure(fig, path):
+    """Write ``fig`` as a PNG atomically (a killed run never leaves half an image) and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
 
 
 def save_loss_plot(steps, losses, path, title="training loss", smooth=50):
@@ -19,11 +29,7 @@ def save_loss_plot(steps, losses, path, title="training loss", smooth=50):
                 label=f"mean of {smooth}")
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_image_grid(images, path, row_labels=None, col_labels=None, title=None, scale=2):
@@ -45,11 +51,7 @@ def save_image_grid(images, path, row_labels=None, col_labels=None, title=None, 
                 ax.set_ylabel("\n".join(textwrap.wrap(row_labels[r], 20)), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_bar_chart(labels, series, path, title=None, xlabel="images"):
@@ -67,8 +69,4 @@ def save_bar_chart(labels, series, path, title=None, xlabel="images"):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if len(series) > 1:
         ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
