@@ -26,7 +26,7 @@ from ldm.paths import MODELS_DIR, REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
 from ldm.text2image import check_settings, load_generator, make_jobs, model_folder, run_jobs
-from ldm.util import UsageError, atomic_path, load_config
+from ldm.util import UsageError, atomic_to_csv, load_config
 
 
 def generate_and_classify(model_name, prompts, out_dir, args, device, evaluator):
@@ -82,8 +82,7 @@ def main():
         for name, group in prompts.groupby("set", sort=False)])
     for name, table in (("summary.csv", summary), ("per-concept.csv", per_concept), ("drift.csv", drift),
                         ("predictions-base.csv", base), ("predictions-edited.csv", edited)):
-        with atomic_path(report_dir / name) as tmp:
-            table.to_csv(tmp, index=False)
+        atomic_to_csv(table, report_dir / name)
 
     cases = comparison_rows(prompts)
     names = [f"{c}_0.png" for c in cases]

@@ -18,7 +18,7 @@ from ldm.evaluator import load_evaluator
 from ldm.imagenet import classify_folder_imagenet
 from ldm.paths import MODELS_DIR
 from ldm.prompts import read_prompts
-from ldm.util import atomic_path
+from ldm.util import atomic_to_csv
 
 
 def main():
@@ -43,16 +43,14 @@ def main():
     if prompts is not None:
         results = results.merge(prompts[["case_number", "prompt"]], on="case_number", how="left")
     save_path = Path(args.save_path)
-    with atomic_path(save_path) as tmp:
-        results.to_csv(tmp, index=False)
+    atomic_to_csv(results, save_path)
     unreadable = int(results["error"].notna().sum()) if "error" in results else 0
     print(f"{len(results)} images classified ({unreadable} unreadable); predictions in {save_path}")
     if args.classifier == "tiny-sd" and prompts is not None:
         accuracy = attribute_accuracy(results, prompts)
         if len(accuracy):
             print(accuracy.to_string(index=False, formatters={"accuracy": "{:.1%}".format}))
-            with atomic_path(save_path.with_name(save_path.stem + "_accuracy.csv")) as tmp:
-                accuracy.to_csv(tmp, index=False)
+            atomic_to_csv(accuracy, save_path.with_name(save_path.stem + "_accuracy.csv"))
     diversity = seed_diversity(args.folder_path, list_images(args.folder_path))
     if len(diversity):
         print(f"seeds: {diversity['all_distinct'].mean():.1%} of {len(diversity)} prompts have all their images "

@@ -19,12 +19,7 @@ from ldm.nudity import (ANY, TOTAL, compare_summaries, detect_folder, load_detec
                         per_image_table, summary_table)
 from ldm.plots import save_bar_chart
 from ldm.prompts import read_prompts
-from ldm.util import UsageError, atomic_path
-
-
-def save_csv(table, path):
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+from ldm.util import UsageError, atomic_to_csv
 
 
 def main():
@@ -52,11 +47,10 @@ def main():
     if prompts is not None:
         images = prompts.merge(images, on="case_number", how="right")
     save_path = Path(args.save_path)
-    save_path.parent.mkdir(parents=True, exist_ok=True)
-    save_csv(images, save_path)
+    atomic_to_csv(images, save_path)
     summary = summary_table(results, classes, args.threshold)
     stem = save_path.with_name(save_path.stem)
-    save_csv(summary, Path(f"{stem}_summary.csv"))
+    atomic_to_csv(summary, Path(f"{stem}_summary.csv"))
     bars = summary[~summary["class"].isin([TOTAL, ANY])]
     scored, unreadable = int(summary["images_scored"][0]), int(summary["images_unreadable"][0])
     title = f"NudeNet {summary['nudenet_version'][0]}, threshold {args.threshold}, {scored} images"
@@ -70,7 +64,7 @@ def main():
         if "threshold" in base and float(base["threshold"][0]) != args.threshold:
             print(f"warning: --compare summary used threshold {base['threshold'][0]}, this one {args.threshold}")
         comparison = compare_summaries(summary, base)
-        save_csv(comparison, Path(f"{stem}_comparison.csv"))
+        atomic_to_csv(comparison, Path(f"{stem}_comparison.csv"))
         shown = comparison[~comparison["class"].isin([TOTAL, ANY])]
         save_bar_chart(shown["label"], {Path(args.compare).stem.removesuffix("_summary"): shown["base_images"],
                                         Path(args.folder).name: shown["images"]},

@@ -89,6 +89,8 @@ def seed_diversity(folder, table, min_difference=1.0):
     """
     rows = []
     for case, group in table.groupby("case_number"):
+        if len(group) < 2:  # one image per prompt (I2P, COCO): nothing to compare, nothing to read
+            continue
         images, _, _ = read_images(folder, group["image"])
         if len(images) < 2:
             continue

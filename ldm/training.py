@@ -9,7 +9,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ldm.plots import save_loss_plot
-from ldm.util import atomic_path, atomic_save
+from ldm.util import atomic_save, atomic_to_csv
 
 
 def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, save_every=500,
@@ -35,8 +35,7 @@ def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, 
         metrics = pd.read_csv(work_dir / "metrics.csv")
         if history is not None and len(metrics):  # Lightning's CSVLogger restarts the file on resume
             metrics = pd.concat([history[history["step"] < metrics["step"].min()], metrics], ignore_index=True)
-            with atomic_path(work_dir / "metrics.csv") as tmp:
-                metrics.to_csv(tmp, index=False)
+            atomic_to_csv(metrics, work_dir / "metrics.csv")
         column = f"{loss_key}_step" if f"{loss_key}_step" in metrics else loss_key
         if column in metrics:
             metrics = metrics.dropna(subset=[column])
@@ -53,8 +52,7 @@ def _keep_metrics_history(work_dir):
     if not parts:
         return None
     history = pd.concat(parts, ignore_index=True).drop_duplicates().sort_values("step", kind="stable")
-    with atomic_path(work_dir / "metrics-history.csv") as tmp:
-        history.to_csv(tmp, index=False)
+    atomic_to_csv(history, work_dir / "metrics-history.csv")
     return history
 
 

@@ -192,6 +192,13 @@ def atomic_path(path):
         Path(tmp).unlink(missing_ok=True)
 
 
+def atomic_to_csv(table, path):
+    """Write a DataFrame to ``path`` as CSV (no index) atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return Path(path)
+
+
 def atomic_save(obj, path):
     """``torch.save`` ``obj`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -29,7 +29,9 @@ def main():
     model = train_evaluator(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             first_stage=first_stage)
     print(f"saved {save_evaluator(model, args.out)}")
-    views = {"fresh images": None} if first_stage is None else {"fresh images": None, "their reconstructions": first_stage}
+    views = {"fresh images": None}
+    if first_stage is not None:
+        views["their reconstructions"] = first_stage
     for name, stage in views.items():
         accuracy = heldout_accuracy(model, count=1000, first_stage=stage)
         print(f"held-out accuracy on 1000 {name}: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))

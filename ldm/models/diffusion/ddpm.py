@@ -296,7 +296,7 @@ class LatentDiffusion(DDPM):
         """
         alphas_cumprod = self.alphas_cumprod[t]
         snr = alphas_cumprod / (1 - alphas_cumprod)
-        x0_weight = snr.clone()
+        x0_weight = snr
         if self.min_snr_gamma:
             x0_weight = x0_weight.clamp(max=self.min_snr_gamma)
         if self.truncated_snr:
