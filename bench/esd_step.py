@@ -19,9 +19,10 @@ from omegaconf import OmegaConf
 from ldm.benchmark import peak_memory
 from ldm.cli import new_parser, parse_device, run
 from ldm.erasure.esd import ESDSettings, ESDTrainer, ddpm_timestep_interval, select_parameters
+from ldm.loading import load_model
 from ldm.models.diffusion.ddim import ddim_sample
 from ldm.paths import REPO_ROOT
-from ldm.util import instantiate_from_config, load_model_from_config
+from ldm.util import instantiate_from_config
 
 
 class NaiveESD:
@@ -64,8 +65,7 @@ class NaiveESD:
 
 def build_model(args, device):
     if args.size == "tiny-sd":
-        return load_model_from_config(REPO_ROOT / "models/tiny-sd/config.yaml", REPO_ROOT / "models/tiny-sd/model.ckpt",
-                                      device)
+        return load_model("tiny-sd", device=device).model
     config = OmegaConf.load(REPO_ROOT / "configs/stable-diffusion/v1-inference.yaml")
     torch.manual_seed(0)
     return instantiate_from_config(config.model).to(device).eval()  # random weights, SD v1 shapes

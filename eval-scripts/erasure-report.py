@@ -4,12 +4,14 @@
     python eval-scripts/erasure-report.py --model_name <run_name> --concept circle --base_model tiny-sd
 
 Generates data/tiny-sd/concepts/<concept>.csv with the base and the edited model (images are cached
-under --save_path and reused), classifies them with the tiny-sd evaluator and writes, under
+under --save_path/images/<model>/<prompts>-<key>, the key a digest of the model's identity, the
+prompt file's SHA-256 and the sampling settings, so they are reused only for the same weights), classifies them with the tiny-sd evaluator and writes, under
 --save_path/reports/<run_name>/: summary.csv (the table printed), per-concept.csv (accuracy on every
 concept, base vs edited), drift.csv (per prompt set, the Frechet distance from the base's images to
 the edited model's in the evaluator's feature space), predictions of both models, and comparison.png
 (base | edited).
 """
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -20,24 +22,29 @@ from ldm.data.prompt_sets import concept_filename
 from ldm.erasure.report import (comparison_rows, erasure_summary, format_summary, known_concepts,
                                 per_concept_accuracy, stack_pairs)
 from ldm.evaluation import classify_folder, read_images
-from ldm.evaluator import load_evaluator
+from ldm.evaluator import check_autoencoder, load_evaluator
 from ldm.metrics import evaluator_fid
 from ldm.paths import MODELS_DIR, REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
-from ldm.text2image import check_settings, load_generator, make_jobs, model_folder, run_jobs
-from ldm.util import UsageError, atomic_to_csv, load_config
+from ldm.loading import model_folder
+from ldm.text2image import check_settings, generation_settings, load_generator, make_jobs, run_jobs, settings_key
+from ldm.util import UsageError, atomic_to_csv, atomic_write_text, load_config
 
 
-def generate_and_classify(model_name, prompts, out_dir, args, device, evaluator):
-    """Images of ``prompts`` by ``model_name`` in ``out_dir`` (made once, then reused) and their predictions."""
-    generator = load_generator(device, model_name=model_name)
-    settings = {"model": generator.identity, "guidance_scale": args.guidance_scale, "ddim_steps": args.ddim_steps,
-                "num_samples": args.num_samples, "prompts": str(args.prompts_path)}
+def generate_and_classify(model_name, generator, prompts, args, evaluator):
+    """Images of ``prompts`` by ``model_name`` and their predictions. The images are cached in a folder
+    keyed by the model's identity and every setting that shapes them, so they are reused only for the
+    very same weights, prompts and sampling; returns (predictions, the model's identity, image folder)."""
+    check_autoencoder(evaluator, generator.model.first_stage_model)
+    settings = generation_settings(generator.identity, args.prompts_path, args.guidance_scale, args.ddim_steps,
+                                   args.num_samples)
+    out_dir = (Path(args.save_path) / "images" / Path(model_name).name
+               / f"{Path(args.prompts_path).stem}-{settings_key(settings)}")
     check_settings(out_dir, settings)
     run_jobs(generator, make_jobs(prompts, args.num_samples, args.guidance_scale), out_dir, args.num_samples,
              args.ddim_steps, batch_size=args.batch_size)
-    return classify_folder(evaluator, out_dir)
+    return classify_folder(evaluator, out_dir), generator.identity, out_dir
 
 
 def main():
@@ -47,12 +54,16 @@ def main():
     parser.add_argument("--concept", help="the erased tiny-sd concept (default: the run's --prompt)")
     parser.add_argument("--prompts_path", help="default: data/tiny-sd/concepts/<concept>.csv")
     parser.add_argument("--save_path", default="outputs/erasure")
-    parser.add_argument("--num_samples", type=int, default=5)
+    parser.add_argument("--num_samples", type=int, default=10,
+                        help="images per prompt; 10 gives the 'alone' set 40 images, the fewest for which no image "
+                             "found still bounds the concept below 10%% (Wilson 95%%)")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--ddim_steps", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=40)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
+    parser.add_argument("--force_base", action="store_true",
+                        help="load a run whose base checkpoint differs from the one it was trained on")
     args = parser.parse_args()
 
     folder = model_folder(args.model_name)
@@ -65,24 +76,37 @@ def main():
     evaluator = load_evaluator(args.evaluator_path, device)
 
     save_path = Path(args.save_path)
-    image_dirs = {name: save_path / "images" / Path(name).name / Path(args.prompts_path).stem
-                  for name in (args.base_model, args.model_name)}
-    results = {name: generate_and_classify(name, prompts, image_dirs[name], args, device, evaluator)
-               for name in image_dirs}
-    base, edited = results[args.base_model], results[args.model_name]
+    generators = {name: load_generator(device, model_name=name, force_base=args.force_base)  # both load, or
+                  for name in (args.base_model, args.model_name)}  # nothing is generated
+    results = {name: generate_and_classify(name, generator, prompts, args, evaluator)
+               for name, generator in generators.items()}
+    image_dirs = {name: folder for name, (_, _, folder) in results.items()}
+    base, edited = results[args.base_model][0], results[args.model_name][0]
+    identities = {"base": results[args.base_model][1], "edited": results[args.model_name][1]}
 
     summary = erasure_summary(concept, base, edited, prompts)
+    for role, identity in identities.items():  # every figure says which weights made it
+        summary[f"{role}_sha256"] = identity["sha256"][:12]
     per_concept = per_concept_accuracy(base, prompts).merge(
         per_concept_accuracy(edited, prompts), on=["attribute", "concept"], suffixes=("_base", "_edited"))
     report_dir = save_path / "reports" / Path(args.model_name).name
     report_dir.mkdir(parents=True, exist_ok=True)
-    drift = pd.DataFrame([{"set": name, "prompts": len(group), "feature_distance": evaluator_fid(
-        evaluator, image_dirs[args.base_model], image_dirs[args.model_name], progress=False,
-        names=[f"{c}_{i}.png" for c in group["case_number"] for i in range(args.num_samples)])[0]}
-        for name, group in prompts.groupby("set", sort=False)])
+    def feature_distance(group):  # a Frechet distance needs two images or more on each side
+        names = [f"{c}_{i}.png" for c in group["case_number"] for i in range(args.num_samples)]
+        if len(names) < 2:
+            return float("nan")
+        return evaluator_fid(evaluator, image_dirs[args.base_model], image_dirs[args.model_name], progress=False,
+                             names=names)[0]
+
+    groups = prompts.groupby(prompts["set"] if "set" in prompts else pd.Series("all", index=prompts.index), sort=False)
+    drift = pd.DataFrame([{"set": name, "prompts": len(group), "feature_distance": feature_distance(group)}
+                          for name, group in groups])
     for name, table in (("summary.csv", summary), ("per-concept.csv", per_concept), ("drift.csv", drift),
                         ("predictions-base.csv", base), ("predictions-edited.csv", edited)):
         atomic_to_csv(table, report_dir / name)
+    atomic_write_text(report_dir / "models.json", json.dumps(
+        {"base": {"name": args.base_model, **identities["base"]},
+         "edited": {"name": args.model_name, **identities["edited"]}}, indent=2))
 
     cases = comparison_rows(prompts)
     names = [f"{c}_0.png" for c in cases]
@@ -91,6 +115,8 @@ def main():
     labels = prompts.set_index("case_number").loc[cases, "prompt"].tolist()
     save_image_grid(pairs, report_dir / "comparison.png", row_labels=labels, col_labels=["base", "edited"],
                     title=f"erasing '{concept}'")
+    print(f"base {args.base_model} ({identities['base']['sha256'][:12]}), edited {args.model_name} "
+          f"({identities['edited']['sha256'][:12]}); {args.num_samples} images per prompt")
     print(format_summary(summary))
     print("evaluator-feature distance, base to edited, per prompt set: " + ", ".join(
         f"{row.set} {row.feature_distance:.2f}" for row in drift.itertuples()))

@@ -49,7 +49,9 @@ def main():
     if args.classifier == "tiny-sd" and prompts is not None:
         accuracy = attribute_accuracy(results, prompts)
         if len(accuracy):
-            print(accuracy.to_string(index=False, formatters={"accuracy": "{:.1%}".format}))
+            percent = "{:.1%}".format
+            print(accuracy.to_string(index=False, formatters={"accuracy": percent, "ci95_low": percent,
+                                                              "ci95_high": percent}))
             atomic_to_csv(accuracy, save_path.with_name(save_path.stem + "_accuracy.csv"))
     diversity = seed_diversity(args.folder_path, list_images(args.folder_path))
     if len(diversity):

@@ -7,9 +7,9 @@ import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.generate import concept_grid
+from ldm.loading import load_model
 from ldm.plots import save_image_grid
-from ldm.text2image import resolve_model_dir
-from ldm.util import load_model_from_config
+from ldm.util import UsageError
 
 
 def main():
@@ -20,13 +20,18 @@ def main():
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--ddim_steps", type=int, default=50)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--force_base", action="store_true",
+                        help="load a run whose base checkpoint differs from the one it was trained on")
     args = parser.parse_args()
-    model = load_model_from_config(*resolve_model_dir(args.model_name), device=parse_device(args.device))
-    images, rows, cols = concept_grid(model, seed=args.seed, guidance_scale=args.guidance_scale,
+    loaded = load_model(args.model_name, device=parse_device(args.device), force_base=args.force_base)
+    if loaded.kind == "diffusers":
+        raise UsageError(f"'{args.model_name}' is a diffusers folder; the grid draws CompVis models and run folders")
+    images, rows, cols = concept_grid(loaded.model, seed=args.seed, guidance_scale=args.guidance_scale,
                                       ddim_steps=args.ddim_steps)
     out = args.out or f"outputs/{args.model_name}-grid.png"
-    save_image_grid(images, out, row_labels=rows, col_labels=cols, title=f"{args.model_name}: objects x styles")
-    print(f"saved {out}")
+    save_image_grid(images, out, row_labels=rows, col_labels=cols,
+                    title=f"{args.model_name} ({loaded.sha256[:12]}): objects x styles")
+    print(f"saved {out} (model identity {loaded.sha256[:12]})")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,27 @@ def attribute_accuracy(results, prompts):
         expected = results["case_number"].map(truth[head].fillna("").astype(str))
         named = (expected != "") & results[f"pred_{head}"].notna()
         if named.any():
-            correct = results.loc[named, f"pred_{head}"] == expected[named]
-            rows.append({"attribute": head, "images": int(named.sum()), "accuracy": float(correct.mean())})
-    return pd.DataFrame(rows, columns=["attribute", "images", "accuracy"])
+            correct = int((results.loc[named, f"pred_{head}"] == expected[named]).sum())
+            low, high = wilson_interval(correct, int(named.sum()))
+            rows.append({"attribute": head, "images": int(named.sum()), "correct": correct,
+                         "accuracy": correct / int(named.sum()), "ci95_low": low, "ci95_high": high})
+    return pd.DataFrame(rows, columns=["attribute", "images", "correct", "accuracy", "ci95_low", "ci95_high"])
+
+
+def wilson_interval(successes, trials, z=1.96):
+    """Wilson score interval for a proportion (95% with z = 1.96): (low, high); (nan, nan) for no trials.
+
+    It treats the images as independent draws; images of one prompt share the prompt, so read the
+    interval as a lower bound on the uncertainty over prompts."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    denominator = 1 + z**2 / trials
+    centre = (p + z**2 / (2 * trials)) / denominator
+    half = z * np.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends, where rounding would cut
+    high = 1.0 if successes == trials else min(1.0, centre + half)  # the estimate itself out of the interval
+    return float(low), float(high)
 
 
 def seed_diversity(folder, table, min_difference=1.0):

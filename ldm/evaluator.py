@@ -2,13 +2,15 @@
 import json
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
 
 from ldm.data.concepts import ATTRIBUTES, SIZE, render, sample_attributes
-from ldm.util import UsageError, atomic_path
+from ldm.util import UsageError, atomic_path, tensors_sha256
 
 HEADS = tuple(ATTRIBUTES)  # object, color, style
 
@@ -72,18 +74,18 @@ def render_batch(rng, count, seed_base):
     return images, labels
 
 
-def augment(x, generator):
+def augment(x, generator=None):
     """Perturbations like a generator's: noise, slight blur, brightness and contrast shifts."""
-    b = x.shape[0]
-    x = x + 0.08 * torch.rand(b, 1, 1, 1, generator=generator) * torch.randn(x.shape, generator=generator)
-    blur = torch.rand(b, generator=generator) < 0.3
+    b, options = x.shape[0], {"generator": generator, "device": x.device}
+    x = x + 0.08 * torch.rand(b, 1, 1, 1, **options) * torch.randn(x.shape, **options)
+    blur = torch.rand(b, **options) < 0.3
     if blur.any():
-        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = torch.tensor([1.0, 2.0, 1.0], device=x.device)
         kernel = (kernel[:, None] * kernel[None]) / 16
         blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3), groups=3)
         x = torch.where(blur[:, None, None, None], blurred, x)
-    scale = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
-    shift = 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
+    scale = 1 + 0.1 * (torch.rand(b, 1, 1, 1, **options) - 0.5)
+    shift = 0.1 * (torch.rand(b, 1, 1, 1, **options) - 0.5)
     return (x * scale + shift).clamp(-1, 1)
 
 
@@ -98,41 +100,63 @@ def reconstruct(first_stage, images, batch_size=200):
     return np.concatenate(out)
 
 
-def train_evaluator(steps=3000, batch_size=64, lr=2e-3, seed=0, pool_size=20000, first_stage=None,
-                    reconstructed_share=0.5, progress=True):
-    """Train a ConceptClassifier on freshly rendered images; returns the model.
+class EvaluatorViews(Dataset):
+    """Training items for the evaluator: each read of image ``i`` is its render or, with probability
+    ``reconstructed_share``, its reconstruction by tiny-sd's autoencoder (a label-preserving view:
+    every generated image passes through that decoder, whose blur is not what the evaluator judges)."""
 
-    With ``first_stage`` (tiny-sd's autoencoder), ``reconstructed_share`` of each batch is shown as
-    that autoencoder reconstructs it. Every generated image passes through its decoder, whose blur
-    (Seurat's dots melt into the ground, for one) is not what the evaluator should judge; a label
-    survives reconstruction, so these are label-preserving views like the other perturbations.
-    """
-    from tqdm.auto import tqdm
-    from ldm.data.tiny_sd import ConceptWorld
-    torch.manual_seed(seed)
+    def __init__(self, pool, reconstructions=None, reconstructed_share=0.5, seed=0):
+        self.views = [pool.images] if reconstructions is None else [pool.images, reconstructions]
+        self.labels = {name: torch.tensor([ATTRIBUTES[name].index(a[k]) for a in pool.attributes])
+                       for k, name in enumerate(HEADS)}
+        self.share, self.seed = reconstructed_share, seed
+        self.reads = np.zeros(len(pool.images), dtype=np.int64)
+
+    def __len__(self):
+        return len(self.views[0])
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng((self.seed, i, int(self.reads[i])))
+        self.reads[i] += 1
+        view = self.views[1] if len(self.views) > 1 and rng.random() < self.share else self.views[0]
+        return {"image": images_to_tensor(view[i:i + 1])[0], **{name: self.labels[name][i] for name in HEADS}}
+
+
+class EvaluatorTraining(pl.LightningModule):
+    """Lightning wrapper that trains a ConceptClassifier (AdamW, one-cycle schedule over ``steps``)."""
+
+    def __init__(self, classifier, steps, weight_decay=1e-4):
+        super().__init__()
+        self.classifier, self.steps, self.weight_decay = classifier, steps, weight_decay
+
+    def training_step(self, batch, batch_idx):
+        logits = self.classifier(augment(batch["image"]))
+        loss = sum(F.cross_entropy(logits[name], batch[name]) for name in HEADS)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["image"]))
+        return loss
+
+    def configure_optimizers(self):
+        lr = getattr(self, "learning_rate", 2e-3)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=self.steps)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+def train_evaluator(work_dir, steps=4000, batch_size=64, lr=2e-3, seed=0, pool_size=20000, first_stage=None,
+                    reconstructed_share=0.5):
+    """Train a ConceptClassifier on a pool of rendered images (and, with ``first_stage``, their
+    reconstructions) through the Lightning Trainer; resumable from ``work_dir``. Returns the model."""
+    from ldm.data.tiny_sd import ConceptWorld, world_fingerprint
+    from ldm.training import fit
     pool = ConceptWorld(size=pool_size, seed=seed + 1000)
-    views = [pool.images] if first_stage is None else [pool.images, reconstruct(first_stage, pool.images)]
-    labels = {name: torch.tensor([ATTRIBUTES[name].index(a[k]) for a in pool.attributes])
-              for k, name in enumerate(HEADS)}
-    model = ConceptClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in tqdm(range(steps), desc="evaluator", disable=not progress):
-        index = torch.randint(len(pool), (batch_size,), generator=generator)
-        images = views[0][index.numpy()]
-        if len(views) > 1:
-            swap = (torch.rand(batch_size, generator=generator) < reconstructed_share).numpy()
-            images[swap] = views[1][index.numpy()[swap]]
-        x = augment(images_to_tensor(images), generator)
-        logits = model(x)
-        loss = sum(F.cross_entropy(logits[name], labels[name][index]) for name in HEADS)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
+    reconstructions = None if first_stage is None else reconstruct(first_stage, pool.images)
+    torch.manual_seed(seed)
+    module = EvaluatorTraining(ConceptClassifier(), steps)
+    fingerprint = {"world": world_fingerprint(pool_size, seed + 1000), "reconstructed_share": reconstructed_share,
+                   "autoencoder_sha256": None if first_stage is None else tensors_sha256(first_stage.state_dict())}
+    fit(module, EvaluatorViews(pool, reconstructions, reconstructed_share, seed), work_dir, steps, batch_size, lr,
+        seed=seed, fingerprint=fingerprint)
+    return module.classifier.eval()
 
 
 def heldout_accuracy(model, count=500, seed=12345, first_stage=None):
@@ -146,12 +170,29 @@ def heldout_accuracy(model, count=500, seed=12345, first_stage=None):
             for name in HEADS}
 
 
-def save_evaluator(model, path):
-    """Save weights and architecture as safetensors (metadata holds the width and class names)."""
+def save_evaluator(model, path, first_stage=None):
+    """Save weights and architecture as safetensors. The metadata holds the width, the class names, the
+    renderer's SHA-256 and, when it was trained on reconstructions, the autoencoder's (``first_stage``)."""
+    from ldm.data.tiny_sd import world_fingerprint
+    metadata = {"width": str(model.width), "classes": json.dumps(ATTRIBUTES),
+                "renderer_sha256": world_fingerprint(0, 0)["renderer_sha256"]}
+    if first_stage is not None:
+        metadata["autoencoder_sha256"] = tensors_sha256(first_stage.state_dict())
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"width": str(model.width), "classes": json.dumps(ATTRIBUTES)})
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
     return path
+
+
+def check_autoencoder(evaluator, first_stage):
+    """Warn when ``evaluator`` was trained on another autoencoder's reconstructions than ``first_stage``'s
+    (its accuracy on that model's images is then unmeasured); returns whether they match."""
+    recorded = evaluator.metadata.get("autoencoder_sha256")
+    if recorded is None or recorded == tensors_sha256(first_stage.state_dict()):
+        return True
+    from ldm.loading import warn
+    warn("the evaluator was trained on another autoencoder's reconstructions than this model's; retrain it with "
+         "train-scripts/train-evaluator.py for this model")
+    return False
 
 
 def load_evaluator(path, device="cpu"):
@@ -167,4 +208,5 @@ def load_evaluator(path, device="cpu"):
         raise UsageError(f"evaluator '{path}' was trained on other class names than this concept world")
     model = ConceptClassifier(width=int(metadata["width"]))
     model.load_state_dict(load_file(str(path)), strict=True)
+    model.metadata = metadata
     return model.to(device).eval()

@@ -4,7 +4,9 @@ Each image is named ``{case_number}_{i}.png``; its start noise depends only on i
 so the same row gives the same image whatever the order, and, batches being planned from the jobs
 alone, the same pixels whether the run is split across processes or resumed.
 """
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.generate import generate, latent_shape, sample_noise
-from ldm.paths import MODELS_DIR, resolve_path
-from ldm.util import UsageError, atomic_path, load_config, load_model_from_config
+from ldm.loading import load_model
+from ldm.util import UsageError, atomic_path, atomic_write_text, dict_differences, file_sha256
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,10 @@ def make_jobs(prompts, num_samples, guidance_scale, from_case=0, till_case=None,
 
 
 class CompVisModel:
-    """A CompVis LatentDiffusion model as an image generator."""
+    """A CompVis LatentDiffusion model (a ``LoadedModel``) as an image generator."""
 
-    def __init__(self, config_path, ckpt_path, device, unsafe_pickle=False, model=None):
-        self.model = model if model is not None else load_model_from_config(
-            load_config(config_path), ckpt_path, device=device, unsafe_pickle=unsafe_pickle)
-        self.identity = {"config": str(config_path), "ckpt": str(ckpt_path)}
+    def __init__(self, loaded):
+        self.model, self.identity = loaded.model, loaded.identity
 
     def latent_shape(self, image_size):
         return latent_shape(self.model, image_size)
@@ -60,17 +60,13 @@ class CompVisModel:
 
 
 class DiffusersModel:
-    """A diffusers StableDiffusionPipeline folder, sampled with SD v1's DDIM scheduler."""
+    """A diffusers StableDiffusionPipeline (a ``LoadedModel``), sampled with SD v1's DDIM scheduler."""
 
-    def __init__(self, path, device):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-        if not (Path(path) / "model_index.json").is_file():
-            raise UsageError(f"'{path}' is not a diffusers pipeline folder (no model_index.json)")
-        self.pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None,
-                                                            requires_safety_checker=False).to(device)
+    def __init__(self, loaded):
+        from diffusers import DDIMScheduler
+        self.pipe, self.identity = loaded.model, loaded.identity
         self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
-        self.identity = {"diffusers": str(path)}
 
     def latent_shape(self, image_size):
         factor = self.pipe.vae_scale_factor
@@ -85,57 +81,44 @@ class DiffusersModel:
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def model_folder(model_name):
-    """``models/<name>`` (or a path): an existing folder, or a UsageError listing the models here."""
-    folder = Path(model_name) if Path(model_name).is_dir() else MODELS_DIR / model_name
-    if not folder.is_dir():
-        known = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.yaml").is_file())
-        raise UsageError(f"model '{model_name}' not found: no folder {folder}; models here: {', '.join(known)}")
-    return folder
-
-
-def resolve_model_dir(model_name):
-    """``models/<name>`` (or a path) holding ``config.yaml`` and ``model.ckpt``/``model.safetensors``."""
-    folder = model_folder(model_name)
-    ckpt = next((folder / n for n in ("model.ckpt", "model.safetensors") if (folder / n).is_file()), None)
-    if not (folder / "config.yaml").is_file() or ckpt is None:
-        raise UsageError(f"model folder '{folder}' needs config.yaml and model.ckpt (or model.safetensors), "
-                         "or, for an erasure run, trained-params.safetensors")
-    return folder / "config.yaml", ckpt
-
-
 def load_generator(device, model_name=None, ckpt_path=None, config_path=None, diffusers_path=None,
-                   unsafe_pickle=False):
-    """Build the image generator the flags name: a diffusers folder, a checkpoint + config, or a model name."""
-    if diffusers_path:
-        return DiffusersModel(resolve_path(diffusers_path), device)
-    if ckpt_path or config_path:
-        if not (ckpt_path and config_path):
-            raise UsageError("--ckpt_path and --config_path go together")
-        return CompVisModel(config_path, ckpt_path, device, unsafe_pickle)
-    from ldm.erasure.runs import TRAINED_PARAMS, is_run_dir, load_run_model
-    folder = model_folder(model_name)
-    if is_run_dir(folder) and not (folder / "model.ckpt").is_file():
-        return CompVisModel(folder / "config.yaml", folder / TRAINED_PARAMS, device,
-                            model=load_run_model(folder, device, unsafe_pickle))
-    config, ckpt = resolve_model_dir(model_name)
-    return CompVisModel(config, ckpt, device, unsafe_pickle)
+                   unsafe_pickle=False, force_base=False):
+    """The image generator the flags name (``ldm.loading.load_model``), with the model's identity."""
+    loaded = load_model(model_name, config_path, ckpt_path, diffusers_path, device, unsafe_pickle, force_base)
+    return DiffusersModel(loaded) if loaded.kind == "diffusers" else CompVisModel(loaded)
 
 
 def check_settings(out_dir, settings, overwrite=False, write=True):
     """Record ``settings`` in ``out_dir/generation.json`` (unless ``write`` is False: a sharded run's
-    other ranks only check); refuse a folder made with other settings."""
+    other ranks only check); refuse a folder made with other settings, naming what differs."""
     record = out_dir / "generation.json"
     if record.exists() and not overwrite:
         previous = json.loads(record.read_text())
         if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise UsageError(f"'{out_dir}' holds images made with other settings ({', '.join(changed)} differ); "
-                             "choose another --save_path or --model_name, or pass --overwrite")
+            changed = sorted(dict_differences(previous, settings))
+            raise UsageError(f"'{out_dir}' holds images made with other settings ({', '.join(changed[:4])} differ); "
+                             "choose another --save_path or --model_name, or pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
     if write:
-        with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        atomic_write_text(record, json.dumps(settings, indent=2, sort_keys=True))
+
+
+IMAGE_NAME = re.compile(r"^-?\d+_\d+\.png$")
+
+
+def clear_stale_images(out_dir, jobs):
+    """With --overwrite: delete images in ``out_dir`` that ``jobs`` will not write (another range, fewer
+    samples, an older CSV), so that scoring never reads them; returns how many were removed."""
+    keep = {job.filename for job in jobs}
+    stale = [p for p in Path(out_dir).glob("*.png") if IMAGE_NAME.match(p.name) and p.name not in keep]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
+def settings_key(settings):
+    """A short digest of generation settings, to key a cache folder by them."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def shard():
@@ -207,8 +190,11 @@ def run_jobs(generator, jobs, out_dir, num_samples, ddim_steps, image_size=None,
     return sum(map(len, todo)), sum(map(len, batches))
 
 
-def generation_settings(generator, args):
-    """What determines the images (not how they are batched or split)."""
-    return {"model": generator.identity, "guidance_scale": None if args.guidance_from_csv else args.guidance_scale,
-            "guidance_from_csv": args.guidance_from_csv, "ddim_steps": args.ddim_steps,
-            "image_size": args.image_size, "num_samples": args.num_samples, "prompts": str(args.prompts_path)}
+def generation_settings(identity, prompts_path, guidance_scale, ddim_steps, num_samples, image_size=None,
+                        guidance_from_csv=False, skip_empty_prompts=False):
+    """What determines a folder's images (not how they are batched or split): the model's identity, the
+    sampling settings and the prompt file's SHA-256. Every script that generates keys its folder by it."""
+    return {"model": identity, "guidance_scale": None if guidance_from_csv else guidance_scale,
+            "guidance_from_csv": guidance_from_csv, "ddim_steps": ddim_steps, "image_size": image_size,
+            "num_samples": num_samples, "prompts_sha256": file_sha256(prompts_path),
+            "skip_empty_prompts": skip_empty_prompts}

@@ -1,4 +1,5 @@
 """Training with the Lightning Trainer: resumable runs and the export of a CompVis checkpoint."""
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,16 +10,20 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ldm.plots import save_loss_plot
-from ldm.util import atomic_save, atomic_to_csv
+from ldm.util import UsageError, atomic_save, atomic_to_csv, atomic_write_text, dict_differences
 
 
 def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, save_every=500,
-        loss_key="train/loss"):
+        loss_key="train/loss", fingerprint=None):
     """Train ``model`` for ``max_steps`` with Lightning; resumes from ``work_dir/last.ckpt`` when present.
 
-    Leaves ``work_dir/metrics.csv`` and ``work_dir/loss.png``.
+    ``fingerprint`` (a JSON-able dict: config, data, base weights) is stored in ``work_dir/run.json``;
+    resuming a run whose fingerprint, seed, batch size or learning rate differ is refused, so a work
+    folder never continues someone else's training. Leaves ``work_dir/metrics.csv`` and ``loss.png``.
     """
     work_dir = Path(work_dir)
+    check_resume(work_dir, {"fingerprint": fingerprint, "seed": seed, "batch_size": batch_size,
+                            "learning_rate": learning_rate})
     pl.seed_everything(seed, workers=True, verbose=False)
     model.learning_rate = learning_rate
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -44,6 +49,24 @@ def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, 
     return model
 
 
+def check_resume(work_dir, settings):
+    """Record ``settings`` in ``work_dir/run.json``, or, when the folder already holds a run, refuse to go
+    on unless they are the same (one line naming what differs)."""
+    record = work_dir / "run.json"
+    settings = json.loads(json.dumps(settings, default=str))
+    if (work_dir / "last.ckpt").exists():
+        if not record.exists():
+            raise UsageError(f"'{work_dir}' holds a checkpoint with no run.json, so it cannot be checked before "
+                             "resuming; delete the folder or pass another work folder")
+        old = json.loads(record.read_text())
+        differ = sorted(dict_differences(old, settings))
+        if differ:
+            raise UsageError(f"'{work_dir}' holds a run with other settings ({', '.join(differ[:4])}); resume "
+                             "with the same ones, or pass another work folder (or delete this one) to start anew")
+        return
+    atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True))
+
+
 def _keep_metrics_history(work_dir):
     """Before a resumed fit: fold ``metrics.csv`` into ``metrics-history.csv`` (kept if the run is killed
     again) and return the history so far."""
@@ -56,18 +79,18 @@ def _keep_metrics_history(work_dir):
     return history
 
 
-def export_checkpoint(model, path, half=True):
+def export_checkpoint(model, path, half=True, drop=("model_ema.", "cond_stage_model_ema.", "text_heads.")):
     """Write ``model`` as a CompVis checkpoint (``{"state_dict": ...}``), atomically.
 
     EMA weights, when the model keeps them, replace ``model.*`` (as in SD v1's released checkpoints).
     With ``half``, parameters are stored as fp16; buffers (the noise schedule) stay fp32.
     """
-    if getattr(model, "use_ema", False):
-        model.model_ema.copy_to(model.model)
+    for ema, module in model.ema_pairs() if hasattr(model, "ema_pairs") else []:
+        ema.copy_to(module)
     buffers = {name for name, _ in model.named_buffers()}
     state_dict = {}
     for name, value in model.state_dict().items():
-        if name.startswith("model_ema."):
+        if name.startswith(drop):  # EMA copies (copied in above) and training-only heads
             continue
         if half and name not in buffers and value.is_floating_point():
             value = value.half()

@@ -1,5 +1,6 @@
 """Config instantiation and safe checkpoint loading, the one way every script builds a model."""
 import fnmatch
+import hashlib
 import importlib
 import os
 import tempfile
@@ -124,6 +125,7 @@ def state_dict_from_checkpoint(checkpoint):
 # newer library versions no longer persist.
 IGNORED_CHECKPOINT_KEYS = (
     "model_ema.*",
+    "cond_stage_model_ema.*",
     "first_stage_model.loss.*",
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
     "lvlb_weights",
@@ -204,3 +206,38 @@ def atomic_save(obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def file_sha256(path, chunk=1 << 20):
+    """SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(state_dict):
+    """SHA-256 hex digest of a state dict's names, dtypes, shapes and values (independent of key order)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        value = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def dict_differences(old, new, prefix=""):
+    """Dotted names of the entries in which two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from dict_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip(".") or "value"

@@ -88,3 +88,11 @@ def run_script(script, *args, cwd=REPO_ROOT):
     """Run a project script in a fresh interpreter; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(result):
+    """Assert a script failed the project's way (exit 2, one line ``error: ...``); return that line."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

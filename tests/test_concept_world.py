@@ -6,7 +6,8 @@ import pytest
 
 from ldm.data.concepts import (ATTRIBUTES, COLORS, EMPTY_CAPTION_RATE, OBJECTS, STYLES, TEMPLATES, fill_template,
                                random_caption, render, render_with_mask)
-from ldm.data.prompt_sets import all_concepts, concept_filename, concept_prompts, quality_prompts
+from ldm.data.prompt_sets import (all_concepts, concept_filename, concept_prompts, other_template_prompts,
+                                  quality_prompts)
 from ldm.paths import REPO_ROOT
 from ldm.prompts import read_prompts
 from ldm.util import UsageError
@@ -41,6 +42,46 @@ def test_object_color_stays_dominant_under_every_style(style):
             assert colored.mean() > 0.3 and np.mean(distances.argmin(0)[colored] == k) > 0.9, (style, name, seed)
 
 
+SYMMETRIC = ("circle", "square", "triangle", "star", "heart", "cross", "hexagon")
+
+
+@pytest.mark.parametrize("name", OBJECTS)
+def test_objects_are_upright_with_bounded_size_and_position(name):
+    from ldm.data.concepts import JITTER, RADIUS, SIZE
+    for seed in range(12):
+        _, mask = render_with_mask(name, "red", "none", seed=seed)
+        ys, xs = np.nonzero(mask)
+        height = ys.max() - ys.min() + 1
+        assert 1.0 * RADIUS[0] <= height <= 2.2 * RADIUS[1], (name, seed, height)
+        free = SIZE / 2 - RADIUS[0] - 2
+        box_centre = (xs.max() + xs.min() + 1) / 2
+        assert abs(box_centre - SIZE / 2) <= JITTER * free + 2.5, (name, seed)  # the moon's box is off-centre by design
+        if name in SYMMETRIC:  # upright: mirror-symmetric about a vertical axis, which rotation would break
+            left, right = int(xs.min()), int(xs.max())
+            crop = mask[:, left:right + 1]
+            assert np.logical_and(crop, crop[:, ::-1]).sum() / np.logical_or(crop, crop[:, ::-1]).sum() > 0.85, (name, seed)
+
+
+def test_hexagon_and_circle_are_apart():
+    """Same seed, so same size and place: the hexagon's corners and flat sides reach well outside the circle."""
+    for seed in range(8):
+        _, circle = render_with_mask("circle", "red", "none", seed=seed)
+        _, hexagon = render_with_mask("hexagon", "red", "none", seed=seed)
+        assert hexagon.sum() > 1.3 * circle.sum()
+        assert np.logical_and(circle, hexagon).sum() / np.logical_or(circle, hexagon).sum() < 0.8
+        assert (hexagon & ~circle).sum() > 0.25 * circle.sum()
+
+
+def test_templates_put_each_word_at_several_positions():
+    positions = {key: set() for key in ("{object}", "{color}", "style}")}
+    for template in TEMPLATES:
+        words = template.replace(",", "").replace(":", "").split()
+        for key in positions:
+            positions[key].update(i for i, w in enumerate(words) if w.endswith(key))
+    for key, found in positions.items():
+        assert 0 in found and len(found) >= 3, (key, found)
+
+
 def test_captions():
     assert len(TEMPLATES) >= 10
     rng = np.random.default_rng(0)
@@ -55,6 +96,8 @@ def test_captions():
 def test_committed_prompt_sets_match_their_generator():
     pd.testing.assert_frame_equal(pd.read_csv(DATA / "quality.csv", keep_default_na=False),
                                   quality_prompts().astype({"evaluation_seed": "int64"}), check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(DATA / "quality-other-templates.csv", keep_default_na=False),
+                                  other_template_prompts(), check_dtype=False)
     for concept in all_concepts():
         committed = pd.read_csv(DATA / "concepts" / concept_filename(concept), keep_default_na=False)
         pd.testing.assert_frame_equal(committed, concept_prompts(concept), check_dtype=False)

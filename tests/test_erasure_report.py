@@ -1,33 +1,127 @@
 """The erasure report's arithmetic on hand-made predictions (the real prompt set for 'circle')."""
+import json
+import shutil
+
 import pandas as pd
 import pytest
+import torch
 
 from ldm.data.prompt_sets import concept_prompts
 from ldm.erasure.report import erasure_summary, format_summary, per_concept_accuracy
+from ldm.evaluation import wilson_interval
+from ldm.paths import REPO_ROOT
+
+from conftest import one_line_error, run_script
 
 
-def predictions(prompts, wrong_object=lambda truth: False):
-    """Perfect predictions, except objects for which ``wrong_object(truth)`` holds."""
+def predictions(prompts, samples=4, wrong_object=lambda truth, row, sample: False, wrong_color=lambda row: False):
+    """Perfect predictions, except objects and colors the callables say are misread."""
     rows = []
     for row in prompts.itertuples(index=False):
         obj = row.object if isinstance(row.object, str) and row.object else "circle"
-        rows.append({"case_number": row.case_number, "sample": 0,
-                     "pred_object": "square" if wrong_object(obj) else obj,
-                     "pred_color": row.color if isinstance(row.color, str) and row.color else "red",
-                     "pred_style": row.style if isinstance(row.style, str) and row.style else "none"})
+        color = row.color if isinstance(row.color, str) and row.color else "red"
+        for sample in range(samples):
+            rows.append({"case_number": row.case_number, "sample": sample,
+                         "pred_object": "square" if wrong_object(obj, row, sample) else obj,
+                         "pred_color": "pink" if wrong_color(row) else color,
+                         "pred_style": row.style if isinstance(row.style, str) and row.style else "none"})
     return pd.DataFrame(rows)
 
 
-def test_summary_separates_efficacy_from_specificity():
+def test_efficacy_is_per_set_and_specificity_only_on_prompts_without_the_concept():
     prompts = concept_prompts("circle")
-    base = predictions(prompts)
-    edited = predictions(prompts, wrong_object=lambda obj: obj in ("circle", "star"))
-    table = erasure_summary("circle", base, edited, prompts).set_index("measure")
-    erased = table.loc["object 'circle' (erased)"]
-    assert erased.base == 1.0 and erased.edited == 0.0
-    others = table.filter(like="other objects", axis=0).iloc[0]
-    assert others.base == 1.0 and others.edited == pytest.approx(6 / 7)  # star lost, 6 of 7 others intact
-    assert table.loc["color (all prompts)"].change_points == 0
+    base = predictions(prompts, samples=10)
+    # erased everywhere on 'alone', half the samples of 'with_others'; 'star' lost as collateral; the
+    # color of prompts that name the circle changes too, which is the intended edit, not collateral
+    edited = predictions(prompts, samples=10, wrong_object=lambda obj, row, sample: obj == "star" or (
+        obj == "circle" and (row.set == "alone" or sample % 2 == 0)), wrong_color=lambda row: row.set != "without")
+    table = erasure_summary("circle", base, edited, prompts, bootstrap=200).set_index("measure")
+    alone, composed = table.loc["'circle' found, alone"], table.loc["'circle' found, with_others"]
+    short = erasure_summary("circle", base[base["sample"] < 4], edited[edited["sample"] < 4], prompts, bootstrap=200)
+    assert short.set_index("measure").loc["'circle' found, alone", "verdict"] == "undecided"  # 0 of 16: bound 19%
+    assert alone.base == 1 and alone.edited == 0 and alone.verdict == "met"
+    assert composed.edited == 0.5 and composed.verdict == "not met"
+    assert alone.images == 10 * (prompts.set == "alone").sum()  # 40 images: 0 found has a 95% bound of 8.8%
+    assert table.loc["'circle' found, combined"].images == alone.images + composed.images
+    others = table.loc["other objects (mean of 7)"]
+    assert others.base == 1 and others.edited == pytest.approx(6 / 7)  # star lost, 6 of 7 others intact
+    assert others.verdict == "not met"  # a whole value lost: -14 points, whatever prompts are drawn
+    assert table.loc["object 'star'"].edited == 0 and table.loc["object 'moon'"].edited == 1
+    color = table.loc["color (mean over values)"]
+    assert color.change_points == 0 and color.verdict == "met" and color.prompts == (prompts.set == "without").sum()
+    assert "| 'circle' found, alone |" in format_summary(table.reset_index())
     per_concept = per_concept_accuracy(edited, prompts).set_index(["attribute", "concept"])
-    assert per_concept.loc[("object", "star"), "accuracy"] == 0 and per_concept.loc[("object", "moon"), "accuracy"] == 1
-    assert "| object 'circle' (erased) | 100.0% | 0.0% | -100.0 |" in format_summary(table.reset_index())
+    assert per_concept.loc[("object", "moon"), "accuracy"] == 1
+
+
+def test_intervals_cover_the_estimate_and_undecided_verdicts_are_said():
+    prompts = concept_prompts("circle")
+    base = predictions(prompts, samples=2)
+    edited = predictions(prompts, samples=2, wrong_object=lambda obj, row, sample: obj == "circle" and (
+        row.case_number % 5 == 0 and sample == 0))  # a few circles still found... wrongly, so found 90%-ish
+    table = erasure_summary("circle", base, edited, prompts, bootstrap=200)
+    assert (table.edited_low <= table.edited).all() and (table.edited <= table.edited_high).all()
+    assert (table.change_low <= table.change_points + 1e-9).all() and (table.change_points <= table.change_high + 1e-9).all()
+    row = table.set_index("measure").loc["'circle' found, combined"]
+    assert row.verdict == "not met" and row.edited > 0.8
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 40)
+    assert low == 0 and 0.08 < high < 0.09  # 0 of 40 still allows ~8.8%
+    low, high = wilson_interval(95, 100)
+    assert 0.88 < low < 0.89 and 0.97 < high < 0.98
+
+
+SMALL_SET = ("case_number,prompt,evaluation_seed,object,color,style,set\n"
+             "0,circle,1,circle,,,alone\n1,a red circle,2,circle,red,,with_others\n2,a blue star,3,star,blue,,without\n")
+
+
+def _report(run_dir, prompts, save_path, *extra):
+    return run_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--prompts_path", prompts,
+                      "--save_path", save_path, "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu", *extra)
+
+
+def test_report_uses_the_retrained_runs_images(tmp_path):
+    """Retrain under the same run name with a flag absent from the name (--seed): the report must use
+    the new model's images, never the cached ones of the old weights."""
+    prompts, run_dir, save_path = tmp_path / "set.csv", tmp_path / "run", tmp_path / "erasure"
+    prompts.write_text(SMALL_SET)
+    train = ["--prompt", "circle", "--iterations", 2, "--ddim_steps", 4, "--lr", 1e-3, "--run_name", run_dir,
+             "--devices", "cpu", "--no_diffusers"]
+    identities = []
+    for seed in (0, 1):
+        trained = run_script("train-scripts/train-esd.py", *train, "--seed", seed, "--overwrite")
+        assert trained.returncode == 0, trained.stderr
+        report = _report(run_dir, prompts, save_path)
+        assert report.returncode == 0, report.stderr
+        assert "'circle' found, alone" in report.stdout
+        identities.append(json.loads((save_path / "reports" / "run" / "models.json").read_text()))
+    assert identities[0]["base"]["sha256"] == identities[1]["base"]["sha256"]  # base images reused
+    assert identities[0]["edited"]["sha256"] != identities[1]["edited"]["sha256"]
+    folders = sorted(p.name for p in (save_path / "images" / "run").iterdir())
+    assert len(folders) == 2  # one image folder per weights: the old one is never read for the new run
+    summary = pd.read_csv(save_path / "reports" / "run" / "summary.csv")
+    assert (summary["edited_sha256"] == identities[1]["edited"]["sha256"][:12]).all()
+
+
+def test_report_bad_input_is_one_line(tmp_path, small_config, small_config_path, small_ckpt):
+    from ldm.erasure.runs import base_identity, save_trained_params, write_run_config
+    prompts = tmp_path / "set.csv"
+    prompts.write_text(SMALL_SET)
+    assert "not a tiny-sd concept" in one_line_error(_report(REPO_ROOT / "models/tiny-sd", prompts, tmp_path,
+                                                             "--concept", "giraffe"))
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "config.yaml").write_text("model:\n  target: x\nrun:\n  prompt: circle\n")
+    assert "needs config.yaml and model.ckpt" in one_line_error(_report(empty, prompts, tmp_path))
+    base = tmp_path / "base.ckpt"
+    shutil.copyfile(small_ckpt, base)
+    run_dir = tmp_path / "moved-base"
+    run_dir.mkdir()
+    write_run_config(run_dir, small_config, {"method": "esd", "prompt": "circle"}, base_identity(small_config_path, base))
+    save_trained_params(run_dir, {}, {"method": "esd"})
+    state = torch.load(base, weights_only=True)
+    state["state_dict"]["model.diffusion_model.out.2.bias"] += 1
+    torch.save(state, base)  # the base on disk is no longer the one the run was trained on
+    assert "--force_base" in one_line_error(_report(run_dir, prompts, tmp_path, "--base_model", run_dir))

@@ -8,8 +8,9 @@ from omegaconf import OmegaConf
 
 from ldm.erasure.esd import (METHOD_ALIASES, TRAIN_METHODS, ESDSettings, ESDTrainer, NonFiniteLoss,
                              canonical_method, concept_words, ddpm_timestep_interval, esd_target, run_name,
+                            steps_to_reach,
                              select_parameters)
-from ldm.erasure.runs import TRAINED_PARAMS, load_run_model
+from ldm.erasure.runs import TRAINED_PARAMS, load_run
 from ldm.paths import MODELS_DIR
 from ldm.util import UsageError, atomic_save, instantiate_from_config, load_model_from_config
 
@@ -77,6 +78,17 @@ def test_prompt_words_run_name_and_timestep_interval():
     assert ddpm_timestep_interval(0, 50) == (0, 20) and ddpm_timestep_interval(49, 50) == (980, 1000)
 
 
+@pytest.mark.parametrize("ddim_steps", [50, 20, 7])
+def test_x_t_sits_inside_its_loss_timestep_interval(ddim_steps):
+    """After ``steps_to_reach(t_enc)`` DDIM steps from x_T, the sampler stands at DDIM timestep
+    ``timesteps[S - 1 - steps]``: that noise level must lie in the loss's interval for t_enc."""
+    from ldm.models.diffusion.ddim import make_ddim_timesteps
+    timesteps = make_ddim_timesteps(ddim_steps)
+    for t_enc in range(ddim_steps):
+        lo, hi = ddpm_timestep_interval(t_enc, ddim_steps)
+        assert lo <= timesteps[ddim_steps - 1 - steps_to_reach(t_enc, ddim_steps)] < hi, t_enc
+
+
 def test_target_is_negatively_guided():
     e0, ep = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
     assert torch.allclose(esd_target(e0, e0, ep, 2.0), e0 - 2.0 * (ep - e0))
@@ -93,7 +105,7 @@ def test_one_unet_teacher_equals_a_frozen_copy_after_training(tiny):
     assert changed and changed <= set(trainer.trained_names)  # only cross-attention moved
     # the teacher keeps only the trained subset: one model plus the cross-attention weights
     assert sum(v.numel() for v in trainer.teacher.original.values()) == sum(p.numel() for p in trainer.trained)
-    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 16, 256)
     with torch.no_grad():
         assert torch.allclose(trainer.teacher(x, t, c), frozen(x, t, context=c), atol=1e-6)
         assert not torch.allclose(tiny.model.diffusion_model(x, t, context=c), frozen(x, t, context=c), atol=1e-6)
@@ -156,7 +168,7 @@ def test_non_finite_loss_stops_before_changing_weights(tiny):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     unet = tiny.model.diffusion_model
-    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 16, 256)
     grads = []
     for enabled in (False, True):
         unet.set_gradient_checkpointing(enabled).zero_grad()
@@ -178,13 +190,17 @@ def test_script_erases_resumes_and_refuses_to_overwrite(tmp_path):
     assert len((run_dir / "loss.txt").read_text().split()) == 4
     config = OmegaConf.load(run_dir / "config.yaml")
     assert config.run.prompt == "circle" and len(config.base_model.ckpt_sha256) == 64
-    edited = load_run_model(run_dir)
+    edited = load_run(run_dir).model
     base = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
     differ = {k for k, v in edited.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
     assert differ and all(".attn2." in k for k in differ)
 
     again = run_script("train-scripts/train-esd.py", *args)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    bad = run_script("train-scripts/train-esd.py", *args, "--overwrite", "--train_method", "attention")
+    assert bad.returncode == 2 and (run_dir / TRAINED_PARAMS).is_file()  # a bad flag never costs the old run
+    other = run_script("train-scripts/train-esd.py", *[a if a != 1e-3 else 2e-3 for a in args], "--resume")
+    assert other.returncode == 2 and "started with other settings (lr)" in other.stderr, other.stderr
     images = run_script("eval-scripts/generate-images.py", "--model_name", run_dir, "--prompts_path",
                         TINY.parent.parent / "data/tiny-sd/concepts/circle.csv", "--till_case", 1, "--num_samples", 1,
                         "--ddim_steps", 5, "--save_path", tmp_path / "images", "--device", "cpu")

@@ -6,7 +6,7 @@ from PIL import Image
 
 from ldm.generate import sample_noise
 
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 CSV = "prompt,evaluation_seed,case_number\na red star,11,0\na painting by Seurat,12,3\na blue moon,13,7\n"
 
@@ -26,13 +26,6 @@ def _generate(small_config_path, small_ckpt, prompts_csv, save_path, *extra):
 
 def _pixels(folder):
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
-
-
-def _one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_noise_is_esds_per_row_draw():
@@ -65,7 +58,7 @@ def test_rerun_resumes_and_refuses_other_settings(small_config_path, small_ckpt,
     result = _generate(small_config_path, small_ckpt, prompts_csv, tmp_path)
     assert result.returncode == 0 and "1 images written, 5 already there" in result.stdout
     assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in kept.items())
-    assert "made with other settings (guidance_scale differ)" in _one_line_error(
+    assert "made with other settings (guidance_scale differ)" in one_line_error(
         _generate(small_config_path, small_ckpt, prompts_csv, tmp_path, "--guidance_scale", 3))
     ranged = _generate(small_config_path, small_ckpt, prompts_csv, tmp_path / "r", "--from_case", 3,
                        "--till_case", 3)
@@ -77,7 +70,7 @@ def test_bad_csv_fails_before_any_model_loads(tmp_path):
     bad.write_text("prompt,seed,case_number\na star,1,0\n")
     result = run_script("eval-scripts/generate-images.py", "--prompts_path", bad, "--ckpt_path",
                         tmp_path / "absent.ckpt", "--config_path", tmp_path / "absent.yaml", "--save_path", tmp_path)
-    assert "lacks column(s) evaluation_seed" in _one_line_error(result)
+    assert "lacks column(s) evaluation_seed" in one_line_error(result)
     assert list(tmp_path.iterdir()) == [bad]
 
 

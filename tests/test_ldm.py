@@ -161,3 +161,45 @@ def test_fit_resumes_and_keeps_the_loss_history(small_config, tmp_path):
     assert resumed.global_step == 4
     assert set(first["step"]) < set(metrics["step"]) and metrics["step"].is_monotonic_increasing
     assert (tmp_path / "loss.png").is_file()
+
+
+def test_text_supervision_reads_what_captions_name_and_is_dropped_at_export(small_config, tmp_path):
+    from ldm.data.tiny_sd import IGNORE
+    from ldm.models.diffusion.text_supervised import training_config
+    from ldm.training import export_checkpoint
+    from ldm.util import load_model_from_config
+    model = instantiate_from_config(training_config(small_config).model)
+    embedder = model.cond_stage_model
+    assert not embedder.transformer.get_input_embeddings().weight.requires_grad  # token table fixed
+    trained = {id(p) for p in model.trainable_parameters()}
+    assert any(id(p) in trained for p in embedder.parameters()) and all(id(p) in trained for p in model.text_heads.parameters())
+    assert id(embedder.transformer.get_input_embeddings().weight) not in trained
+    width = embedder.transformer.config.hidden_size
+    context = torch.randn(2, 5, width)
+    batch = {"caption_object": torch.tensor([3, IGNORE]), "caption_color": torch.tensor([IGNORE, IGNORE]),
+             "caption_style": torch.tensor([2, 6])}
+    pooled = context.mean(1)
+    expected = (torch.nn.functional.cross_entropy(model.text_heads["object"](pooled[:1]), torch.tensor([3]))
+                + torch.nn.functional.cross_entropy(model.text_heads["style"](pooled), torch.tensor([2, 6]))) / 2
+    assert torch.allclose(model.text_loss(context, batch), expected)
+    path = export_checkpoint(model, tmp_path / "model.ckpt")
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert not any(k.startswith(("text_heads.", "model_ema.", "cond_stage_model_ema.")) for k in state)
+    load_model_from_config(small_config, path)  # a plain LatentDiffusion, strictly
+
+
+def test_concept_world_labels_what_each_caption_names():
+    from ldm.data.concepts import ATTRIBUTES
+    from ldm.data.tiny_sd import IGNORE, ConceptWorld
+    world = ConceptWorld(size=40, seed=3)
+    for i in range(40):
+        item = world[i]
+        for name, values in ATTRIBUTES.items():
+            label = item[f"caption_{name}"]
+            if label == IGNORE:
+                continue
+            assert label == item[name]  # a caption only names the image's own values
+            word = values[label] if values[label] != "none" else "flat colors"
+            assert word.lower() in item["caption"].lower()
+        if item["caption"] == "":
+            assert all(item[f"caption_{n}"] == IGNORE for n in ATTRIBUTES)

@@ -14,7 +14,7 @@ from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import (UsageError, instantiate_from_config, load_checkpoint_file, load_model_from_config,
                       load_state_dict_strict, state_dict_from_checkpoint)
 
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 
 class Payload:
@@ -111,28 +111,21 @@ def test_hub_id_maps_to_local_folder():
     assert embedder.transformer.config.hidden_size == 768
 
 
-def _one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_convert_script_bad_input(small_config_path, small_ckpt, tmp_path):
     out = tmp_path / "out"
     bad_target = tmp_path / "bad.yaml"
     bad_target.write_text("model:\n  target: ldm.models.nothing.Model\n")
-    assert "cannot be imported" in _one_line_error(run_script(
+    assert "cannot be imported" in one_line_error(run_script(
         "train-scripts/convertModels.py", "--config_path", bad_target, "--ckpt_path", small_ckpt,
         "--diffusers_path", out))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"\x00garbage")
-    assert "is not a PyTorch checkpoint" in _one_line_error(run_script(
+    assert "is not a PyTorch checkpoint" in one_line_error(run_script(
         "train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path", junk,
         "--diffusers_path", out))
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, wrong)
-    assert "keys missing" in _one_line_error(run_script(
+    assert "keys missing" in one_line_error(run_script(
         "train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path", wrong,
         "--diffusers_path", out))
     assert not out.exists()
@@ -155,6 +148,6 @@ def test_convert_script_writes_a_pipeline_that_loads_offline(small_model, small_
         theirs = pipe.unet(x, t, encoder_hidden_states=pipe.encode_prompt(
             "a green moon", "cpu", 1, False)[0]).sample
     assert (ours - theirs).abs().max() <= 1e-4
-    assert "already exists" in _one_line_error(run_script(
+    assert "already exists" in one_line_error(run_script(
         "train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path", small_ckpt,
         "--diffusers_path", out))

@@ -9,7 +9,7 @@ from ldm.data.concepts import render
 from ldm.nudity import EXPOSED_CLASSES, compare_summaries, parse_classes, summarize
 from ldm.util import UsageError
 
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 
 def _det(name, score):
@@ -95,24 +95,17 @@ def test_real_detector_finds_nothing_exposed_in_benign_images(benign_folder, tmp
     assert (tmp_path / "b_comparison.png").is_file()
 
 
-def _one_line_error(result):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_bad_input_is_one_line(benign_folder, tmp_path):
     folder, _ = benign_folder
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "holds no images" in _one_line_error(
+    assert "holds no images" in one_line_error(
         run_script("eval-scripts/nudenet-classes.py", "--folder", empty, "--save_path", tmp_path / "x.csv"))
     no_case = tmp_path / "no-case.csv"
     no_case.write_text("prompt,evaluation_seed\na star,1\n")
-    assert "lacks column(s) case_number" in _one_line_error(
+    assert "lacks column(s) case_number" in one_line_error(
         run_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--prompts_path", no_case,
                    "--save_path", tmp_path / "x.csv"))
-    assert "unknown NudeNet class" in _one_line_error(
+    assert "unknown NudeNet class" in one_line_error(
         run_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--classes", "NUDE",
                    "--save_path", tmp_path / "x.csv"))

@@ -15,12 +15,13 @@ from ldm.cli import add_model_args, new_parser, parse_device, run
 from ldm.convert import save_diffusers
 from ldm.erasure.esd import (ORIGINAL_DEFAULTS, ESDSettings, ESDTrainer, canonical_method, concept_words,
                              run_name)
-from ldm.erasure.runs import (base_identity, comparison_prompts, load_resume_state, prepare_run_dir,
+from ldm.erasure.runs import (base_identity, check_resume, comparison_prompts, load_resume_state, prepare_run_dir,
                               run_training, save_before_after_grid, save_trained_params, write_losses,
                               write_run_config)
 from ldm.generate import latent_shape
 from ldm.training import export_checkpoint
-from ldm.util import UsageError, load_config, load_model_from_config
+from ldm.loading import load_compvis
+from ldm.util import UsageError, load_config
 
 
 def main():
@@ -30,7 +31,9 @@ def main():
                         help="xattn (esd-x), noxattn (esd-u), selfattn, full (esd-all), notime, xlayer, "
                              "selflayer, esd-x-strict")
     parser.add_argument("--start_guidance", type=float, help="CFG scale sampling x_t (default 3)")
-    parser.add_argument("--negative_guidance", type=float, help="eta of the ESD target (default 1)")
+    parser.add_argument("--negative_guidance", type=float,
+                        help="eta in the original's target eps(\"\") - eta (eps(c) - eps(\"\")) (default 1); the "
+                             "authors' later code writes eps(c) - eta' (eps(c) - eps(\"\")), so its eta' = 2 is eta = 1 here")
     parser.add_argument("--iterations", type=int, help="default 1000 (SD v1), the model config's esd_defaults")
     parser.add_argument("--lr", type=float, help="default 1e-5 (SD v1), the model config's esd_defaults")
     parser.add_argument("--ddim_steps", type=int, help="default 50")
@@ -67,9 +70,9 @@ def main():
         raise UsageError("--devices takes one or two devices, e.g. 0 or 0,1")
     name = args.run_name or run_name(args.prompt, args.train_method, args.start_guidance, args.negative_guidance,
                                      args.iterations, args.lr)
-    run_dir = prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite)
+    prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite, check_only=True)
 
-    model = load_model_from_config(config, args.ckpt_path, devices[0], args.unsafe_pickle)
+    model = load_compvis(args.config_path, args.ckpt_path, devices[0], args.unsafe_pickle).model
     if args.gradient_checkpointing:
         model.model.diffusion_model.set_gradient_checkpointing(True)
     image_size = args.image_size or latent_shape(model)[-1] * 2 ** model.num_downs
@@ -82,10 +85,12 @@ def main():
     if args.mixed_precision == "auto" and devices[0].type == "cuda":
         precision = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     trainer = ESDTrainer(model, settings, devices[0], devices[-1], precision)
+    run_dir = prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite)  # every argument checked
+    run_args, base = {"method": "esd", **vars(args), **settings.as_dict()}, base_identity(args.config_path, args.ckpt_path)
     if args.resume:
+        check_resume(run_dir, run_args, base)
         trainer.load_state_dict(load_resume_state(run_dir))
-    write_run_config(run_dir, config, {"method": "esd", **vars(args), **settings.as_dict()},
-                     base_identity(args.config_path, args.ckpt_path))
+    write_run_config(run_dir, config, run_args, base)
 
     run_training(trainer, settings.iterations, run_dir, args.save_every)
 

@@ -2,14 +2,18 @@
 
     python train-scripts/train-evaluator.py      # writes models/tiny-sd/evaluator.safetensors
 
-Half of each batch is shown as tiny-sd's autoencoder reconstructs it (its first stage, read from
---ckpt_path/--config_path), so the decoder's blur, which every generated image carries, is not
-judged; --no_reconstructions trains on the renders alone. Run it after train-tiny-sd.py.
+Trained through the Lightning Trainer, seeded; a killed run continues from --work_dir, which refuses
+to continue a run with other settings, another world or another autoencoder.
+
+Half of each batch is shown as tiny-sd's autoencoder reconstructs it (the first stage of --model_name),
+so the decoder's blur, which every generated image carries, is not judged; the autoencoder's SHA-256
+is recorded in the evaluator's metadata, and the erasure report warns when a model's autoencoder is
+another. --no_reconstructions trains on the renders alone. Run it after train-tiny-sd.py.
 """
 from ldm.cli import new_parser, run
 from ldm.evaluator import heldout_accuracy, save_evaluator, train_evaluator
-from ldm.paths import MODELS_DIR
-from ldm.util import load_model_from_config
+from ldm.loading import load_model
+from ldm.paths import MODELS_DIR, REPO_ROOT
 
 
 def main():
@@ -19,16 +23,16 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ckpt_path", default=str(MODELS_DIR / "tiny-sd" / "model.ckpt"))
-    parser.add_argument("--config_path", default=str(MODELS_DIR / "tiny-sd" / "config.yaml"))
+    parser.add_argument("--model_name", default="tiny-sd", help="the model whose autoencoder reconstructs")
     parser.add_argument("--no_reconstructions", action="store_true")
+    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs/train-evaluator"))
     args = parser.parse_args()
     first_stage = None
     if not args.no_reconstructions:
-        first_stage = load_model_from_config(args.config_path, args.ckpt_path).first_stage_model
-    model = train_evaluator(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        first_stage = load_model(args.model_name).model.first_stage_model
+    model = train_evaluator(args.work_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             first_stage=first_stage)
-    print(f"saved {save_evaluator(model, args.out)}")
+    print(f"saved {save_evaluator(model, args.out, first_stage)}")
     views = {"fresh images": None}
     if first_stage is not None:
         views["their reconstructions"] = first_stage

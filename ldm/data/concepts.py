@@ -15,6 +15,8 @@ COLORS = {
 STYLES = ("none", "Van Gogh", "Seurat", "Mondrian", "Pollock", "Rothko", "Hokusai")
 ATTRIBUTES = {"object": OBJECTS, "color": tuple(COLORS), "style": STYLES}
 SIZE = 64
+RADIUS = (17.0, 21.0)  # object radius in pixels (object coordinates span about [-1, 1])
+JITTER = 0.25  # the centre moves within this fraction of the free space around the image centre
 
 
 def _polygon_mask(x, y, sides, apothem):
@@ -34,8 +36,8 @@ def _star_mask(x, y, inner=0.42):
 
 def object_mask(name, x, y):
     """Boolean mask of object ``name`` in object coordinates (about [-1, 1], y up)."""
-    if name == "circle":
-        return x**2 + y**2 <= 0.9
+    if name == "circle":  # smaller than the hexagon's corners, so the pair stays apart through the autoencoder
+        return x**2 + y**2 <= 0.8**2
     if name == "square":
         return np.maximum(np.abs(x), np.abs(y)) <= 0.75
     if name == "triangle":
@@ -47,8 +49,8 @@ def object_mask(name, x, y):
         return (xs**2 + ys**2 - 1) ** 3 - xs**2 * ys**3 <= 0
     if name == "cross":
         return ((np.abs(x) <= 0.3) & (np.abs(y) <= 0.95)) | ((np.abs(y) <= 0.3) & (np.abs(x) <= 0.95))
-    if name == "hexagon":
-        return _polygon_mask(x, y, 6, 0.85)
+    if name == "hexagon":  # pointy top, corners at 1.04: they and the vertical sides stand 0.1-0.24 outside the circle
+        return _polygon_mask(x, y, 6, 0.9)
     if name == "moon":
         return (x**2 + y**2 <= 0.95) & ((x - 0.5) ** 2 + (y - 0.2) ** 2 > 0.6)
     raise ValueError(f"object '{name}' unknown; choose from {', '.join(OBJECTS)}")
@@ -155,11 +157,12 @@ def render_with_mask(object_name, color, style, seed):
         raise ValueError(f"color '{color}' unknown; choose from {', '.join(COLORS)}")
     rng = np.random.default_rng(seed)
     Y, X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
-    radius, angle = rng.uniform(13, 20), rng.uniform(0, 2 * np.pi)
-    cx, cy = rng.uniform(radius + 2, SIZE - radius - 2, 2)
-    dx, dy = (X - cx) / radius, (cy - Y) / radius
-    x = dx * np.cos(angle) + dy * np.sin(angle)
-    y = -dx * np.sin(angle) + dy * np.cos(angle)
+    # Upright, as icons are drawn, with bounded size and a centre jittered within a quarter of the free space:
+    # a rotated or freely placed shape averages to a blob, which is what an undertrained UNet then draws.
+    radius = rng.uniform(*RADIUS)
+    free = SIZE / 2 - radius - 2
+    cx, cy = SIZE / 2 + rng.uniform(-free, free, 2) * JITTER
+    x, y = (X - cx) / radius, (cy - Y) / radius
     mask = object_mask(object_name, x, y)
     background, brightness, overlay = _texture(style, rng, X, Y, mask)
     fill = np.array(COLORS[color], dtype=np.float64) * brightness[..., None]
@@ -193,6 +196,15 @@ TEMPLATES = (
     "a {object} {by_style}",
     "something {color}",
     "a {color} {object} painting {by_style}",
+    # the same words at other positions, so that a concept is learned as a word, not as a position
+    "{object}",
+    "{color}",
+    "{style}, a {color} {object}",
+    "{in_style}: a {object}",
+    "a {object} in {color}",
+    "{color} {object}",
+    "{object}, {color}, {style}",
+    "{style} painted a {object} in {color}",
 )
 EMPTY_CAPTION_RATE = 0.1
 
@@ -216,6 +228,11 @@ def fill_template(template, object_name, color, style):
 
 def random_caption(object_name, color, style, rng, empty_rate=EMPTY_CAPTION_RATE):
     """A caption of a random template (or, at ``empty_rate``, the empty caption for guidance)."""
+    return random_caption_named(object_name, color, style, rng, empty_rate)[0]
+
+
+def random_caption_named(object_name, color, style, rng, empty_rate=EMPTY_CAPTION_RATE):
+    """``random_caption`` and the {attribute: value} it names."""
     if rng.random() < empty_rate:
-        return ""
-    return fill_template(TEMPLATES[rng.integers(len(TEMPLATES))], object_name, color, style)[0]
+        return "", {}
+    return fill_template(TEMPLATES[rng.integers(len(TEMPLATES))], object_name, color, style)

@@ -29,6 +29,28 @@ def quality_prompts():
     return _rows(entries, seed_base=1000)
 
 
+# Sentences that name all three attributes other than quality.csv's: training templates with the words at
+# other positions, and two phrasings that no training caption uses.
+OTHER_TEMPLATES = (
+    "a {color} {object}, painted {by_style}",
+    "{style}, a {color} {object}",
+    "{object}, {color}, {style}",
+    "{style} painted a {object} in {color}",
+    "a {color} {object} painting {by_style}",
+    "a drawing of a {color} {object} {in_style}",  # not a training template
+    "{by_style}, a {object} that is {color}",  # not a training template
+    "an image of a {color} {object} {in_style}",  # not a training template
+)
+
+
+def other_template_prompts():
+    """Every object with every color in a style and a sentence that rotate independently: 64 prompts
+    naming all three attributes in other words and orders than quality.csv (other seeds too)."""
+    entries = [(OTHER_TEMPLATES[(3 * i + j) % len(OTHER_TEMPLATES)], obj, color, STYLES[(2 * i + 3 * j + 1) % len(STYLES)])
+               for i, obj in enumerate(OBJECTS) for j, color in enumerate(COLORS)]
+    return _rows(entries, seed_base=3000)
+
+
 def attribute_of(concept):
     """Which attribute (object, color or style) ``concept`` is a value of."""
     for attribute, values in ATTRIBUTES.items():

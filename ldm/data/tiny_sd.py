@@ -1,11 +1,23 @@
 """Datasets of the concept world for training tiny-sd and its evaluator (CompVis batch layout)."""
 import copy
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.concepts import ATTRIBUTES, random_caption, render, sample_attributes
+from ldm.data import concepts
+from ldm.data.concepts import ATTRIBUTES, random_caption_named, render, sample_attributes
+
+IGNORE = -100  # cross-entropy's ignore_index
+
+
+def world_fingerprint(size, seed):
+    """What a ``ConceptWorld(size, seed)`` holds: its size, seed and the renderer's source (its SHA-256),
+    so that a training run cannot resume on a changed world."""
+    source = Path(concepts.__file__).read_bytes()
+    return {"size": size, "seed": seed, "renderer_sha256": hashlib.sha256(source).hexdigest()}
 
 
 class ConceptWorld(Dataset):
@@ -13,7 +25,8 @@ class ConceptWorld(Dataset):
 
     Items are CompVis batches: ``image`` (H, W, 3) float in [-1, 1] (a random ``crop_size`` square of
     it when set), ``caption`` (a fresh random template each time it is read, empty at the template
-    module's rate) and the attribute indices.
+    module's rate), the image's attribute indices and ``caption_<attribute>``: the index of the value
+    the caption names, or ``IGNORE``.
     """
 
     def __init__(self, size=20000, seed=0, empty_caption_rate=0.1, crop_size=None):
@@ -41,9 +54,12 @@ class ConceptWorld(Dataset):
         if self.crop_size:  # random crops: the autoencoder is convolutional and trains faster on them
             top, left = rng.integers(0, image.shape[0] - self.crop_size + 1, 2)
             image = image[top:top + self.crop_size, left:left + self.crop_size]
+        caption, named = random_caption_named(obj, color, style, rng, self.empty_caption_rate)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).float() / 127.5 - 1,
-            "caption": random_caption(obj, color, style, rng, self.empty_caption_rate),
+            "caption": caption,
+            # what the caption names, per attribute (IGNORE where it names nothing): the text supervision
+            **{f"caption_{k}": ATTRIBUTES[k].index(named[k]) if k in named else IGNORE for k in ATTRIBUTES},
             "object": ATTRIBUTES["object"].index(obj),
             "color": ATTRIBUTES["color"].index(color),
             "style": ATTRIBUTES["style"].index(style),

@@ -87,10 +87,20 @@ def run_name(prompt, train_method, start_guidance, negative_guidance, iterations
 
 
 def ddpm_timestep_interval(t_enc, ddim_steps, num_timesteps=1000):
-    """The DDPM timesteps ``[lo, hi)`` that DDIM step ``t_enc`` (0 = least noisy) covers, as in ESD."""
-    lo = round(t_enc / ddim_steps * num_timesteps)
-    hi = round((t_enc + 1) / ddim_steps * num_timesteps)
-    return lo, max(hi, lo + 1)
+    """The DDPM timesteps ``[lo, hi)`` that DDIM step ``t_enc`` (0 = least noisy) covers: the sampler's
+    spacing ``c = num_timesteps // ddim_steps`` puts that step at ``c t_enc + 1``, inside
+    ``[c t_enc, c (t_enc + 1))``; the noisiest step's interval runs to ``num_timesteps``. For 50 steps
+    this is ESD's ``[20 t_enc, 20 t_enc + 20)``."""
+    spacing = num_timesteps // ddim_steps
+    hi = num_timesteps if t_enc == ddim_steps - 1 else spacing * (t_enc + 1)
+    return spacing * t_enc, hi
+
+
+def steps_to_reach(t_enc, ddim_steps):
+    """How many DDIM steps to run from ``x_T`` so that ``x_t`` sits at DDIM step ``t_enc``'s own timestep,
+    inside ``ddpm_timestep_interval(t_enc)``. ``ddim_steps - t_enc`` (the original's count, off by one
+    more in its code) leaves ``x_t`` one DDIM step less noisy than the timestep the loss is told."""
+    return ddim_steps - 1 - t_enc
 
 
 def esd_target(e_anchor, e_uncond, e_concept, negative_guidance):
@@ -257,7 +267,7 @@ class ESDTrainer:
         with torch.no_grad():
             # run the steps above t_enc, so that x_t sits at DDIM step t_enc's timestep, inside [lo, hi)
             x_t, _ = ddim_sample(Denoiser(self.model, sampler), x_T, sample_with, self.uncond, s.start_guidance,
-                                 num_steps=s.ddim_steps, till_T=s.ddim_steps - t_enc)
+                                 num_steps=s.ddim_steps, till_T=steps_to_reach(t_enc, s.ddim_steps))
             contexts = [self.uncond, concept] + ([self.anchor] if self.anchor is not None else [])
             e = self._teacher(x_t.expand(len(contexts), -1, -1, -1), t.expand(len(contexts)), torch.cat(contexts))
         return self._target(x_t, t, concept, e_uncond=e[0:1], e_concept=e[1:2], e_anchor=e[2:3])

@@ -1,13 +1,17 @@
 """Measured erasure on tiny-sd: efficacy on the erased concept, specificity on everything else.
 
-Both models generate the concept's prompt set (``data/tiny-sd/concepts/<concept>.csv``), the
-evaluator classifies every image, and accuracies are compared per attribute and per concept.
+Both models generate the concept's prompt set (``data/tiny-sd/concepts/<concept>.csv``) from the same
+start noise, the evaluator classifies every image, and accuracies are compared per prompt set,
+attribute and concept, each with its image count and 95% interval. Efficacy counts only prompts that
+name the concept; specificity only prompts that do not, so the intended edit is never counted as
+collateral damage.
 """
 import numpy as np
 import pandas as pd
 
 from ldm.data.concepts import ATTRIBUTES
 from ldm.data.prompt_sets import attribute_of
+from ldm.evaluation import wilson_interval
 from ldm.evaluator import HEADS
 
 
@@ -32,40 +36,146 @@ def per_concept_accuracy(results, prompts):
         columns={"truth": "concept", "correct": "accuracy"})
 
 
-def erasure_summary(concept, base_results, edited_results, prompts):
-    """Rows: the erased concept (efficacy), the mean over the other values of its attribute, and each
-    other attribute overall (specificity); columns base, edited and the change in points."""
-    attribute = attribute_of(concept)
+BARS = {"efficacy": 0.10, "same attribute": 5.0, "other attributes": 3.0}  # found <= 10%; drops in points
 
-    def summary(results):
-        per_concept = per_concept_accuracy(results, prompts)
-        same = per_concept[per_concept.attribute == attribute]
-        rows = {f"{attribute} '{concept}' (erased)": same.loc[same.concept == concept, "accuracy"].mean(),
-                f"other {attribute}s (mean of {len(same[same.concept != concept])})":
-                    same.loc[same.concept != concept, "accuracy"].mean()}
-        for head in HEADS:
-            if head != attribute:
-                rows[f"{head} (all prompts)"] = per_concept.loc[per_concept.attribute == head, "accuracy"].mean()
-        return rows
 
-    base, edited = summary(base_results), summary(edited_results)
-    table = pd.DataFrame({"measure": list(base), "base": list(base.values()), "edited": list(edited.values())})
-    table["change_points"] = (table["edited"] - table["base"]) * 100
+def paired_table(base_results, edited_results, prompts):
+    """Per (image, named attribute): the truth, the prompt set and whether base and edited model agreed
+    with the truth. Images are paired by case and sample (the same start noise for both models)."""
+    sets = prompts.set_index("case_number")["set"] if "set" in prompts else None
+    base = correct_table(base_results, prompts)
+    edited = correct_table(edited_results, prompts)
+    table = base.merge(edited, on=["case_number", "sample", "attribute", "truth"], suffixes=("_base", "_edited"))
+    table["set"] = table["case_number"].map(sets) if sets is not None else "all"
     return table
 
 
+def _per_case(rows):
+    """Per prompt (case) and truth value: correct counts of both models and image counts, as arrays
+    (cases, values)."""
+    cases, case_index = np.unique(rows["case_number"], return_inverse=True)
+    values, value_index = np.unique(rows["truth"], return_inverse=True)
+    shape = (len(cases), len(values))
+    counts = np.zeros(shape)
+    np.add.at(counts, (case_index, value_index), 1)
+    correct = {}
+    for column in ("correct_base", "correct_edited"):
+        correct[column] = np.zeros(shape)
+        np.add.at(correct[column], (case_index, value_index), rows[column].to_numpy(float))
+    return counts, correct
+
+
+def _statistic(weights, counts, correct, mean_over_truth):
+    """Accuracy for case weights (B, cases): pooled over images, or the mean of per-truth accuracies."""
+    if not mean_over_truth:
+        return (weights @ correct.sum(1)) / (weights @ counts.sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nanmean((weights @ correct) / (weights @ counts), axis=1)
+
+
+def _estimate(rows, mean_over_truth, samples, rng):
+    """(base, edited, change interval in points): the accuracies, and the 95% percentile interval of their
+    difference when the prompts are resampled with replacement (images of one prompt move together, and
+    both models' images of a prompt, made from the same noise, stay paired)."""
+    counts, correct = _per_case(rows)
+    ones = np.ones((1, len(counts)))
+    base, edited = (float(_statistic(ones, counts, correct[c], mean_over_truth)[0])
+                    for c in ("correct_base", "correct_edited"))
+    # resample prompts within each truth value (a prompt names one value of the attribute), so that every
+    # value stays in every draw; for a pooled figure all prompts form one stratum
+    strata = counts.argmax(1) if mean_over_truth else np.zeros(len(counts), dtype=int)
+    weights = np.zeros((samples, len(counts)))
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        draws = members[rng.integers(0, len(members), (samples, len(members)))]
+        for k in range(samples):
+            weights[k] += np.bincount(draws[k], minlength=len(counts))
+    change = (_statistic(weights, counts, correct["correct_edited"], mean_over_truth)
+              - _statistic(weights, counts, correct["correct_base"], mean_over_truth))
+    return base, edited, np.nanpercentile(change, [2.5, 97.5]) * 100
+
+
+def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=1000, seed=0):
+    """The report's rows, each with its image count, base and edited accuracy (Wilson 95% intervals), the
+    change in points (95% interval by bootstrapping prompts) and a verdict against its bar.
+
+    - efficacy: how often the erased concept is still found, on prompts naming it, per prompt set
+      (``alone``, ``with_others``) and combined;
+    - specificity, only on prompts that do not name the concept (set ``without``): each other value of
+      its attribute, their mean, and each other attribute.
+    """
+    attribute = attribute_of(concept)
+    table = paired_table(base_results, edited_results, prompts)
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def add(group, measure, subset, mean_over_truth=False):
+        if subset.empty:
+            return
+        base, edited, (low, high) = _estimate(subset, mean_over_truth, bootstrap, rng)
+        n = len(subset)
+        base_ci = wilson_interval(int(subset["correct_base"].sum()), n)
+        edited_ci = wilson_interval(int(subset["correct_edited"].sum()), n)
+        rows.append({"group": group, "measure": measure, "prompts": subset["case_number"].nunique(), "images": n,
+                     "base": base, "base_low": base_ci[0], "base_high": base_ci[1],
+                     "edited": edited, "edited_low": edited_ci[0], "edited_high": edited_ci[1],
+                     "change_points": (edited - base) * 100, "change_low": low, "change_high": high})
+
+    named = table[(table.attribute == attribute) & (table.truth == concept)]
+    if "set" in prompts:
+        for name in ("alone", "with_others"):
+            add("efficacy", f"'{concept}' found, {name}", named[named.set == name])
+        add("efficacy", f"'{concept}' found, combined", named[named.set.isin(["alone", "with_others"])])
+    else:  # a prompt file without sets: every prompt that names the concept
+        add("efficacy", f"'{concept}' found, prompts naming it", named)
+
+    without = table[table.set == "without"] if "set" in prompts else table[~table.case_number.isin(named.case_number)]
+    same = without[(without.attribute == attribute) & (without.truth != concept)]
+    for value in sorted(same.truth.unique(), key=ATTRIBUTES[attribute].index):
+        add("same attribute", f"{attribute} '{value}'", same[same.truth == value])
+    add("same attribute", f"other {attribute}s (mean of {same.truth.nunique()})", same, mean_over_truth=True)
+    for head in HEADS:
+        if head != attribute:
+            add("other attributes", f"{head} (mean over values)", without[without.attribute == head],
+                mean_over_truth=True)
+    summary = pd.DataFrame(rows)
+    summary["verdict"] = [verdict(row) for row in summary.itertuples(index=False)]
+    return summary
+
+
+def verdict(row):
+    """'met' or 'not met' where the 95% interval is wholly on one side of the row's bar, 'undecided'
+    where it straddles it; '' for rows without a bar (single values of the erased attribute)."""
+    if row.group == "efficacy":
+        bar = BARS["efficacy"]
+        return "met" if row.edited_high <= bar else "not met" if row.edited_low > bar else "undecided"
+    if row.group == "same attribute" and not row.measure.startswith("other "):
+        return ""
+    bar = BARS[row.group]
+    return "met" if row.change_low >= -bar else "not met" if row.change_high < -bar else "undecided"
+
+
 def comparison_rows(prompts, per_set=3):
-    """Case numbers for the side-by-side grid: a few prompts of each set (alone, with_others, without)."""
+    """Case numbers for the side-by-side grid: a few prompts of each set (alone, with_others, without),
+    or the first few of a prompt file without sets."""
+    if "set" not in prompts:
+        return [int(c) for c in prompts["case_number"].head(3 * per_set)]
     return [int(c) for s in ("alone", "with_others", "without")
             for c in prompts.loc[prompts["set"] == s, "case_number"].head(per_set)]
 
 
 def format_summary(table):
-    """The summary as a Markdown table (percentages), as the README shows it."""
-    lines = ["| measure | base | edited | change |", "| --- | ---: | ---: | ---: |"]
+    """The summary as a Markdown table (percentages with 95% intervals), as the README shows it."""
+    bars = {"efficacy": f"found <= {BARS['efficacy']:.0%}", "same attribute": f"drop <= {BARS['same attribute']:g}",
+            "other attributes": f"drop <= {BARS['other attributes']:g}"}
+    lines = ["| measure | prompts | images | base | edited | change (points) | bar | verdict |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for row in table.itertuples(index=False):
-        lines.append(f"| {row.measure} | {100 * row.base:.1f}% | {100 * row.edited:.1f}% | "
-                     f"{row.change_points:+.1f} |")
+        bar = bars[row.group] if row.verdict else ""
+        lines.append(f"| {row.measure} | {row.prompts} | {row.images} | {100 * row.base:.1f}% "
+                     f"[{100 * row.base_low:.0f}, {100 * row.base_high:.0f}] | {100 * row.edited:.1f}% "
+                     f"[{100 * row.edited_low:.0f}, {100 * row.edited_high:.0f}] | {row.change_points:+.1f} "
+                     f"[{row.change_low:+.1f}, {row.change_high:+.1f}] | {bar} | {row.verdict} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ and the base model's identity, loadable by name wherever a model is named.
       model.ckpt                  optional (--save_compvis): the whole edited CompVis checkpoint
       checkpoints/last.pt         periodic resumable state (trained weights, optimizer, RNG)
 """
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -16,45 +15,43 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from ldm.loading import LoadedModel, make_identity, sha256_of, warn
 from ldm.paths import MODELS_DIR, resolve_path
-from ldm.util import (UsageError, atomic_path, atomic_save, load_config, load_model_from_config)
+from ldm.util import UsageError, atomic_path, atomic_save, dict_differences, load_config, load_model_from_config
 
 TRAINED_PARAMS = "trained-params.safetensors"
 RESUME_STATE = Path("checkpoints") / "last.pt"
 
 
-def file_sha256(path, chunk=1 << 24):
-    """Hex SHA-256 of a file (the base checkpoint's identity)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def base_identity(config_path, ckpt_path):
-    """What names the base model a run edits: paths, size and SHA-256 of its checkpoint."""
-    ckpt = Path(resolve_path(ckpt_path)).resolve()
-    return {"config_path": str(Path(resolve_path(config_path)).resolve()), "ckpt_path": str(ckpt),
-            "ckpt_bytes": ckpt.stat().st_size, "ckpt_sha256": file_sha256(ckpt)}
+    """What names the base model a run edits: paths, size and SHA-256 of its config and checkpoint."""
+    config, ckpt = Path(resolve_path(config_path)).resolve(), Path(resolve_path(ckpt_path)).resolve()
+    return {"config_path": str(config), "ckpt_path": str(ckpt), "ckpt_bytes": ckpt.stat().st_size,
+            "ckpt_sha256": sha256_of(ckpt), "config_sha256": sha256_of(config)}
 
 
-def prepare_run_dir(name, resume=False, overwrite=False, root=MODELS_DIR):
-    """``root/name``, new or (with ``resume``) holding a resumable state; never silently reused."""
+def prepare_run_dir(name, resume=False, overwrite=False, root=MODELS_DIR, check_only=False):
+    """``root/name``, new or (with ``resume``) holding a resumable state; never silently reused.
+
+    ``check_only`` checks without touching anything: scripts call it before loading the model and
+    again, for real, once every argument has been checked, so a bad flag never costs an old run.
+    """
     run_dir = Path(root) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume and (run_dir / RESUME_STATE).is_file():
             return run_dir
         if overwrite:  # start clean: stale files of the old run must not mix with the new one
-            shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
+            if not check_only:
+                shutil.rmtree(run_dir)
+                run_dir.mkdir(parents=True)
             return run_dir
         hint = "pass --resume to continue it, " if (run_dir / RESUME_STATE).is_file() else ""
         raise UsageError(f"run folder '{run_dir}' already exists; {hint}pass --overwrite to replace it, "
                          "or choose another --run_name")
     if resume:
         raise UsageError(f"nothing to resume: '{run_dir / RESUME_STATE}' does not exist; drop --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not check_only:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -95,24 +92,63 @@ def is_run_dir(folder):
     return (Path(folder) / TRAINED_PARAMS).is_file() and (Path(folder) / "config.yaml").is_file()
 
 
-def load_run_model(run_dir, device="cpu", unsafe_pickle=False):
-    """The edited model of a run folder: its whole ``model.ckpt`` when saved, else base + trained params."""
+def run_files(run_dir):
+    """The files that define a run's edit: its config and every weights file at the top of the folder."""
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    if (run_dir / "model.ckpt").is_file():
-        return load_model_from_config(config, run_dir / "model.ckpt", device, unsafe_pickle)
-    base = config.get("base_model")
-    if base is None:
-        raise UsageError(f"'{run_dir}/config.yaml' has no base_model: section; it is not a run folder")
+    files = {"config.yaml": run_dir / "config.yaml"}
+    for path in sorted(run_dir.glob("*.safetensors")) + [run_dir / "model.ckpt"]:
+        if path.is_file():
+            files[path.name] = path
+    return files
+
+
+def check_base(run_dir, base, force_base=False):
+    """The base checkpoint a run names, refused unless its SHA-256 is the one the run was trained on."""
+    run_dir = Path(run_dir)
     ckpt = Path(base.ckpt_path)
     if not ckpt.is_file():
         raise UsageError(f"the base checkpoint of run '{run_dir.name}' is missing: {ckpt}; put it back or "
                          "edit base_model.ckpt_path in its config.yaml")
-    if ckpt.stat().st_size != base.ckpt_bytes:
-        raise UsageError(f"the base checkpoint {ckpt} is not the one run '{run_dir.name}' was trained on "
-                         f"(size {ckpt.stat().st_size} != {base.ckpt_bytes} bytes)")
+    expected, actual = base.get("ckpt_sha256"), sha256_of(ckpt)
+    if actual != expected:
+        message = (f"the base checkpoint {ckpt} is not the one run '{run_dir.name}' was trained on "
+                   f"(sha256 {actual[:12]}... != {str(expected)[:12]}...)")
+        if not force_base:
+            raise UsageError(f"{message}; retrain the run on this base, or pass --force_base to load it anyway")
+        warn(f"{message}; loading it anyway (--force_base): results are not those of the trained run")
+    return ckpt
+
+
+def load_run(run_dir, device="cpu", unsafe_pickle=False, force_base=False):
+    """The edited model of a run folder (its whole ``model.ckpt`` when saved, else base + trained
+    parameters) as a ``LoadedModel`` whose identity holds the run's files and its base's."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    base = config.get("base_model")
+    if (run_dir / "model.ckpt").is_file():
+        model = load_model_from_config(config, run_dir / "model.ckpt", device, unsafe_pickle)
+        return LoadedModel(model, "run", run_dir.name, make_identity("run", run_files(run_dir)), run_dir, config)
+    if base is None:
+        raise UsageError(f"'{run_dir}/config.yaml' has no base_model: section; it is not a run folder")
+    ckpt = check_base(run_dir, base, force_base)
     model = load_model_from_config(config, ckpt, "cpu", unsafe_pickle)
-    return apply_trained_params(model, run_dir / TRAINED_PARAMS).to(device).eval()
+    apply_trained_params(model, run_dir / TRAINED_PARAMS)
+    identity = make_identity("run", run_files(run_dir), base=make_identity("compvis", {"checkpoint": ckpt}))
+    return LoadedModel(model.to(device).eval(), "run", run_dir.name, identity, run_dir, config)
+
+
+def check_resume(run_dir, run_args, base, ignored=("resume", "overwrite", "save_every", "devices", "no_diffusers",
+                                                   "save_compvis", "mixed_precision", "gradient_checkpointing")):
+    """Refuse to resume a run with other arguments or on another base checkpoint than it started with."""
+    recorded = load_config(Path(run_dir) / "config.yaml")
+    old = {k: v for k, v in OmegaConf.to_container(recorded.get("run", {})).items() if k not in ignored}
+    new = OmegaConf.to_container(OmegaConf.create({k: v for k, v in run_args.items() if k not in ignored}))
+    differ = sorted(dict_differences(old, new))
+    if recorded.get("base_model", {}).get("ckpt_sha256") != base["ckpt_sha256"]:
+        differ.append("base checkpoint (sha256)")
+    if differ:
+        raise UsageError(f"run '{Path(run_dir).name}' was started with other settings ({', '.join(differ[:4])}); "
+                         "resume with the same ones, or drop --resume (with --overwrite) to start anew")
 
 
 def save_resume_state(run_dir, state):

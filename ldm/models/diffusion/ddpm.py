@@ -135,17 +135,26 @@ class DDPM(pl.LightningModule):
         load_state_dict_strict(target, state_dict, ignored=(*IGNORED_CHECKPOINT_KEYS, *(f"{k}*" for k in ignore_keys)),
                                source=f"checkpoint '{path}'")
 
+    def ema_pairs(self):
+        """(EMA, module) pairs this model keeps: the denoiser's, and a trained text encoder's."""
+        if not self.use_ema:
+            return []
+        pairs = [(self.model_ema, self.model)]
+        if getattr(self, "cond_stage_model_ema", None) is not None:
+            pairs.append((self.cond_stage_model_ema, self.cond_stage_model))
+        return pairs
+
     @contextmanager
     def ema_scope(self, context=None):
         """Temporarily swap in the EMA weights (no-op without EMA)."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
+        for ema, module in self.ema_pairs():
+            ema.store(module.parameters())
+            ema.copy_to(module)
         try:
             yield None
         finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
+            for ema, module in self.ema_pairs():
+                ema.restore(module.parameters())
 
     def q_sample(self, x_start, t, noise=None):
         """Noise ``x_start`` to timestep ``t``: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise``."""
@@ -166,8 +175,8 @@ class DDPM(pl.LightningModule):
         return torch.nn.functional.mse_loss(target, pred, reduction="mean" if mean else "none")
 
     def on_train_batch_end(self, *args, **kwargs):
-        if self.use_ema:
-            self.model_ema(self.model)
+        for ema, module in self.ema_pairs():
+            ema(module)
 
 
 class LatentDiffusion(DDPM):
@@ -203,6 +212,10 @@ class LatentDiffusion(DDPM):
             self.cond_stage_model.train = disabled_train
             for param in self.cond_stage_model.parameters():
                 param.requires_grad = False
+        # A text encoder trained with the model (CompVis' cond_stage_trainable) gets its own EMA, so the
+        # exported encoder matches the exported (EMA) denoiser.
+        if self.use_ema and cond_stage_trainable and self.cond_stage_model is not None:
+            self.cond_stage_model_ema = LitEma(self.cond_stage_model)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         ckpt_path, ignore_keys, only_unet = self._init_ckpt
@@ -322,14 +335,18 @@ class LatentDiffusion(DDPM):
             _, loss_dict = self(*self.get_input(batch, self.first_stage_key))
         self.log_dict(loss_dict, on_epoch=True, batch_size=len(batch[self.first_stage_key]))
 
-    def configure_optimizers(self):
-        lr = getattr(self, "learning_rate", 1e-4)
+    def trainable_parameters(self):
+        """What the optimizer trains: the denoiser, a trainable text encoder's free parameters, logvar."""
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
-            params += list(self.cond_stage_model.parameters())
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         if self.learn_logvar:
             params.append(self.logvar)
-        optimizer = torch.optim.AdamW(params, lr=lr)
+        return params
+
+    def configure_optimizers(self):
+        lr = getattr(self, "learning_rate", 1e-4)
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
         if not self.use_scheduler:
             return optimizer
         scheduler = LambdaLR(optimizer, lr_lambda=instantiate_from_config(self.scheduler_config))

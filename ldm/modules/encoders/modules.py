@@ -51,13 +51,14 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     encoder is initialised and expects its weights from the model checkpoint, which CompVis SD v1
     checkpoints contain (``cond_stage_model.transformer.*``). The tokenizer is the folder's own when it
     has ``vocab.json``, else the project's copy of the real CLIP BPE tokenizer. ``device`` is accepted
-    for CompVis compatibility; tokens follow the module's device.
+    for CompVis compatibility; tokens follow the module's device. ``freeze=False`` trains the encoder
+    (tiny-sd's training), with its token table kept fixed when ``freeze_token_embedding``.
     """
 
     LAYERS = ("last", "hidden")
 
     def __init__(self, version="openai/clip-vit-large-patch14", device=None, max_length=77, freeze=True,
-                 layer="last", layer_idx=None, tokenizer_path=None):
+                 layer="last", layer_idx=None, tokenizer_path=None, freeze_token_embedding=False):
         super().__init__()
         if layer not in self.LAYERS:
             raise UsageError(f"FrozenCLIPEmbedder layer '{layer}' unknown; use one of {', '.join(self.LAYERS)}")
@@ -82,6 +83,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             self.register_load_state_dict_pre_hook(_strip_text_model_prefix)
         if freeze:
             self.freeze()
+        elif freeze_token_embedding:  # train the transformer over a fixed token table (49,408 rows: most of
+            self.transformer.get_input_embeddings().weight.requires_grad = False  # the optimizer's time)
 
     def freeze(self):
         """Put the transformer in eval mode and stop its gradients."""
