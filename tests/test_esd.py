@@ -243,3 +243,19 @@ def test_script_stops_on_a_non_finite_loss_and_keeps_the_last_good_state(tmp_pat
     assert "at iteration" in errors[0] and "lower --lr" in errors[0]
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert 1 <= state["iteration"] < 5 and all(torch.isfinite(v).all() for v in state["trained"].values())
+
+
+def test_sweep_grid_and_run_names():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("esd_sweep", TINY.parent.parent / "bench/esd_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    grid = sweep.parse_grid(["lr=1e-4, 5e-4", "--negative_guidance=1,2"])
+    assert grid == {"lr": ["1e-4", "5e-4"], "negative_guidance": ["1", "2"]}
+    runs = sweep.combinations(grid)
+    assert len(runs) == 4 and {"lr": "5e-4", "negative_guidance": "1"} in runs
+    names = {sweep.sweep_run_name("Van Gogh", r) for r in runs}
+    assert len(names) == 4 and all(n.startswith("sweep-VanGogh-") for n in names)
+    assert sweep.sweep_run_name("Van Gogh", runs[0]) == sweep.sweep_run_name("Van Gogh", dict(reversed(runs[0].items())))
+    with pytest.raises(UsageError):
+        sweep.parse_grid(["lr"])
