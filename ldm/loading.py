@@ -10,14 +10,13 @@ Every script loads through ``load_model``; ``loaded.identity`` keys whatever is 
 A run folder whose base checkpoint is not byte-identical to the one it was trained on is refused
 (``force_base=True`` loads it anyway, with a warning).
 """
-import json
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from ldm.paths import MODELS_DIR, resolve_path
-from ldm.util import UsageError, file_sha256, load_config, load_model_from_config
+from ldm.util import UsageError, file_sha256, json_sha256, load_config, load_model_from_config
 
 CHECKPOINT_NAMES = ("model.ckpt", "model.safetensors")
 
@@ -53,11 +52,10 @@ def sha256_of(path):
 
 def make_identity(kind, files, base=None):
     """``{"kind", "files": {name: sha256}, "base", "sha256"}``; ``sha256`` digests the rest."""
-    import hashlib
     identity = {"kind": kind, "files": {name: sha256_of(path) for name, path in sorted(files.items())}}
     if base is not None:
         identity["base"] = base
-    identity["sha256"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    identity["sha256"] = json_sha256(identity)
     return identity
 
 

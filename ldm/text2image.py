@@ -4,7 +4,6 @@ Each image is named ``{case_number}_{i}.png``; its start noise depends only on i
 so the same row gives the same image whatever the order, and, batches being planned from the jobs
 alone, the same pixels whether the run is split across processes or resumed.
 """
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ldm.generate import generate, latent_shape, sample_noise
 from ldm.loading import load_model
-from ldm.util import UsageError, atomic_path, atomic_write_text, dict_differences, file_sha256
+from ldm.util import UsageError, atomic_path, atomic_write_text, dict_differences, file_sha256, json_sha256
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def clear_stale_images(out_dir, jobs):
 
 def settings_key(settings):
     """A short digest of generation settings, to key a cache folder by them."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return json_sha256(settings)[:12]
 
 
 def shard():

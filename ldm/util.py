@@ -224,6 +224,12 @@ def file_sha256(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+def json_sha256(obj):
+    """SHA-256 hex digest of a JSON-able object (keys sorted), to key things by settings or identities."""
+    import json
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def tensors_sha256(state_dict):
     """SHA-256 hex digest of a state dict's names, dtypes, shapes and values (independent of key order)."""
     digest = hashlib.sha256()
