@@ -7,7 +7,10 @@
 The naive baseline is the original script's algorithm: two full models (the frozen copy included),
 text re-encoded every iteration, the teacher's two predictions as two forwards, x_t sampled by the
 model being trained. Prints time per training iteration, time per training target, peak memory,
-and the ratios to the baseline (lower is better).
+and the ratios to the baseline (lower is better). Variants are timed interleaved: each has its own
+copy of the model, and --repeats rounds each time a block of --iterations targets of every variant
+in turn, so that a machine's drift is shared. Reuse is timed over whole trajectories: its warm-up
+uses up one trajectory and every block is a whole number of them.
 """
 import copy
 import time
@@ -76,7 +79,9 @@ def main():
     parser.add_argument("--size", choices=["tiny-sd", "sd-v1"], default="tiny-sd")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train_method", default="xattn")
-    parser.add_argument("--iterations", type=int, default=40, help="timed iterations per variant")
+    parser.add_argument("--iterations", type=int, default=20,
+                        help="training targets per variant and round (rounded up to whole trajectories)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--targets_per_trajectory", type=int, default=20)
     parser.add_argument("--ddim_steps", type=int, default=50)
     args = parser.parse_args()
@@ -103,28 +108,40 @@ def main():
         base.load_state_dict(state)
         return base
 
-    results = {}
+    memory = {}
     for name, make in variants.items():
         def train_two():
             trainer = make(fresh_model())
             trainer.step()
             trainer.step()
-        memory = peak_memory(train_two, device, repeats=1)
-        trainer = make(fresh_model())
-        trainer.step()  # warm-up
-        start = time.perf_counter()
-        for _ in range(args.iterations):
+        memory[name] = model_bytes + peak_memory(train_two, device, repeats=1)
+
+    trainers, seconds, targets = {}, {}, {}
+    for name, make in variants.items():
+        trainer = make(copy.deepcopy(fresh_model()))
+        per_trajectory = getattr(trainer.settings, "targets_per_trajectory", 1)
+        for _ in range(per_trajectory):  # warm-up: one whole trajectory
             trainer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - start) / args.iterations
-        per_iteration = seconds * getattr(trainer.settings, "targets_per_trajectory", 1)
-        results[name] = (per_iteration, seconds, model_bytes + memory)
-        del trainer
+        trainers[name], seconds[name], targets[name] = (trainer, per_trajectory), 0.0, 0
+    for _ in range(args.repeats):
+        for name, (trainer, per_trajectory) in trainers.items():
+            block = -(-args.iterations // per_trajectory) * per_trajectory
+            start = time.perf_counter()
+            for _ in range(block):
+                trainer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[name] += time.perf_counter() - start
+            targets[name] += block
+    results = {}
+    for name, (trainer, per_trajectory) in trainers.items():
+        per_target = seconds[name] / targets[name]
+        results[name] = (per_target * per_trajectory, per_target, memory[name])
 
     _, naive_time, naive_memory = results["naive (original)"]
     print(f"ESD {args.train_method} on {args.size} ({device.type}), {args.ddim_steps} DDIM steps, "
-          f"{args.iterations} training targets each; an iteration is one sampling trajectory")
+          f"{args.repeats} interleaved rounds of {args.iterations} training targets each (whole trajectories); "
+          "an iteration is one sampling trajectory")
     print(f"  {'variant':28s} {'s/iteration':>12s} {'s/target':>10s} {'peak MiB':>10s} {'time ratio':>11s} "
           f"{'memory ratio':>13s}")
     for name, (per_iteration, seconds, memory) in results.items():

@@ -2,13 +2,17 @@
 
     python bench/esd_sweep.py --concepts 'circle,Van Gogh' \
         --grid 'lr=1e-4,5e-4' --grid 'negative_guidance=1,2' --grid 'iterations=200,400'
+    python bench/esd_sweep.py --concepts heart --design one_at_a_time --grid 'lr=3e-4,1e-4,1e-3' ...
 
 Every combination of the --grid values (flags of train-scripts/train-esd.py, with --fixed flags added
-to all) is trained with train-esd.py and measured with erasure-report.py, both run as the user runs
-them. Runs are named by concept and a digest of their flags, so a killed sweep resumes where it
-stopped: a finished run with a report is not redone. Writes --out (default outputs/esd-sweep.csv): one
+to all; with --design one_at_a_time, the first value of every flag, then each other value changed
+alone) is trained with train-esd.py and measured with erasure-report.py, both run as the user runs
+them. Runs are named by concept, a digest of their flags and the base checkpoint's SHA-256, so a
+killed sweep resumes where it stopped (a finished run with a report is not redone) and a retrained
+base model is never reported from an old sweep's runs. Writes --out (default outputs/esd-sweep.csv): one
 row per run and report row, with the run's flags, the erase's wall-clock seconds and every report
-figure with its interval and verdict.
+figure with its interval and verdict. ``--table CSV [CSV ...]`` prints such files as the README's
+Markdown table (one line per run) and runs nothing.
 """
 import hashlib
 import itertools
@@ -21,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from ldm.cli import new_parser, run
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.loading import sha256_of
+from ldm.paths import MODELS_DIR, REPO_ROOT, resolve_path
 from ldm.util import UsageError, atomic_to_csv
 
 
@@ -42,11 +47,47 @@ def combinations(grid):
     return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
 
 
-def sweep_run_name(concept, flags):
-    """A stable run name for a concept and its flags."""
+def one_at_a_time(grid):
+    """The first value of every flag, then each other value of each flag with the rest at their first."""
+    base = {name: values[0] for name, values in grid.items()}
+    return [base] + [{**base, name: value} for name, values in grid.items() for value in values[1:]]
+
+
+def sweep_run_name(concept, flags, base_sha256=""):
+    """A stable run name for a concept, its flags and the base model's checkpoint hash."""
     text = " ".join(f"--{k} {v}" for k, v in sorted(flags.items()))
-    digest = hashlib.sha256(f"{concept}|{text}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{concept}|{text}|{base_sha256}".encode()).hexdigest()[:10]
     return f"sweep-{concept.replace(' ', '')}-{digest}"
+
+
+def markdown_table(frame):
+    """One Markdown line per run of a sweep CSV: its flags, efficacy per set, the mean change of the
+    attribute's other values and of each other attribute (points, 95% interval), each with its verdict,
+    and the erase's seconds."""
+    first = list(frame.columns).index("group")
+    flag_columns = [c for c in frame.columns[2:first] if frame[c].nunique(dropna=False) > 1 or c != "fixed"]
+
+    def cell(row, figure):
+        if figure == "efficacy":
+            text = f"{row.edited:.0%} [{row.edited_low:.0%}, {row.edited_high:.0%}]"
+        else:
+            text = f"{row.change_points:+.1f} [{row.change_low:+.1f}, {row.change_high:+.1f}]"
+        return f"{text} {row.verdict}".strip()
+
+    columns = ["found, alone", "found, with_others", "same attribute", "other attributes", "erase s"]
+    lines = ["| concept | " + " | ".join(flag_columns + columns) + " |", "|" + " --- |" * (1 + len(flag_columns) + len(columns))]
+    for (run, concept), rows in frame.groupby(["run", "concept"], sort=False):
+        by_measure = {r.measure: r for r in rows.itertuples(index=False)}
+        found = [cell(by_measure[f"'{concept}' found, {s}"], "efficacy") if f"'{concept}' found, {s}" in by_measure
+                 else "" for s in ("alone", "with_others")]
+        same = [cell(r, "change") for r in rows.itertuples(index=False)
+                if r.group == "same attribute" and r.measure.startswith("other ")]
+        other = [f"{r.measure.split()[0]} {cell(r, 'change')}" for r in rows.itertuples(index=False)
+                 if r.group == "other attributes"]
+        flags = [str(rows.iloc[0][c]) for c in flag_columns]
+        lines.append("| " + " | ".join([concept, *flags, *found, "; ".join(same), "; ".join(other),
+                                        f"{rows.iloc[0].erase_seconds:.0f}"]) + " |")
+    return "\n".join(lines)
 
 
 def _script(path, *args):
@@ -59,21 +100,37 @@ def _script(path, *args):
 
 def main():
     parser = new_parser(__doc__)
-    parser.add_argument("--concepts", required=True, help="comma-separated tiny-sd concepts")
+    parser.add_argument("--concepts", help="comma-separated tiny-sd concepts")
+    parser.add_argument("--table", nargs="+", metavar="CSV", help="print these sweep CSVs as Markdown and stop")
     parser.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... (a train-esd.py flag)")
+    parser.add_argument("--design", default="full", choices=["full", "one_at_a_time"],
+                        help="every combination, or the first values plus one flag changed at a time")
     parser.add_argument("--fixed", default="", help="flags for every run, e.g. \"--train_method xattn\"")
     parser.add_argument("--report_flags", default="", help="flags for erasure-report.py, e.g. \"--num_samples 10\"")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs/esd-sweep.csv"))
     args = parser.parse_args()
+    if args.table:
+        for path in args.table:
+            if not Path(path).is_file():
+                raise UsageError(f"sweep table '{path}' does not exist; run the sweep first")
+            print(markdown_table(pd.read_csv(path)))
+        return
+    if not args.concepts:
+        raise UsageError("--concepts is required, e.g. --concepts 'heart,Hokusai' (or --table CSV to print a sweep)")
+    grid = parse_grid(args.grid)
+    settings = combinations(grid) if args.design == "full" else one_at_a_time(grid)
+    fixed = shlex.split(args.fixed)
+    ckpt = fixed[fixed.index("--ckpt_path") + 1] if "--ckpt_path" in fixed else MODELS_DIR / "tiny-sd" / "model.ckpt"
+    base_sha256 = sha256_of(Path(resolve_path(ckpt)))
     rows = []
     for concept in [c.strip() for c in args.concepts.split(",") if c.strip()]:
-        for flags in combinations(parse_grid(args.grid)):
-            name = sweep_run_name(concept, {**flags, "fixed": args.fixed})
+        for flags in settings:
+            name = sweep_run_name(concept, {**flags, "fixed": args.fixed}, base_sha256)
             report_dir = REPO_ROOT / "outputs/erasure/reports" / name
             seconds_file = MODELS_DIR / name / "erase-seconds.txt"
             if not (report_dir / "summary.csv").is_file():
                 train = ["--prompt", concept, "--run_name", name, "--overwrite", "--no_diffusers",
-                         *[x for k, v in flags.items() for x in (f"--{k}", v)], *shlex.split(args.fixed)]
+                         *[x for k, v in flags.items() for x in (f"--{k}", v)], *fixed]
                 start = time.perf_counter()
                 _script("train-scripts/train-esd.py", *train)
                 seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")

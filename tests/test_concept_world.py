@@ -6,6 +6,7 @@ import pytest
 
 from ldm.data.concepts import (ATTRIBUTES, COLORS, EMPTY_CAPTION_RATE, OBJECTS, STYLES, TEMPLATES, fill_template,
                                random_caption, render, render_with_mask)
+from ldm.data.tiny_sd import FILLER_RATE, FRAMES, CaptionFiller, held_out_words
 from ldm.data.prompt_sets import (all_concepts, concept_filename, concept_prompts, other_template_prompts,
                                   quality_prompts)
 from ldm.paths import REPO_ROOT
@@ -92,6 +93,33 @@ def test_captions():
         "an orange moon in the style of Van Gogh", {"object": "moon", "color": "orange", "style": "Van Gogh"})
     assert fill_template("a painting {by_style}", "moon", "red", "Seurat")[1] == {"style": "Seurat"}
 
+
+
+def test_padded_captions_fit_the_context_and_move_concept_words_across_it():
+    filler = CaptionFiller(max_length=20)
+    rng = np.random.default_rng(0)
+    padded, style_positions = 0, set()
+    for _ in range(3000):
+        caption = random_caption("heart", "pink", "Pollock", rng)
+        out = filler(caption, rng)
+        assert caption in out and filler.length(out) <= 18  # BOS and EOS make 20
+        padded += out != caption
+        tokens = filler.tokenizer.tokenize(out)
+        style_positions.update(i for i, t in enumerate(tokens) if t == "pollock</w>")
+    assert abs(padded / 3000 - FILLER_RATE * (1 - EMPTY_CAPTION_RATE)) < 0.05
+    assert set(range(18)) <= style_positions  # the style word seen at every position a prompt may put it
+
+
+def test_filler_names_no_concept_and_keeps_evaluation_phrasings_unseen():
+    filler = CaptionFiller(max_length=20)
+    assert len(filler.words) > 20000
+    concept_words = {w.lower() for v in OBJECTS + tuple(COLORS) + STYLES[1:] for w in v.split()}  # style none is "flat colors"
+    assert not concept_words & set(filler.words)
+    held_out = held_out_words()
+    assert "drawing" in held_out and not held_out & set(filler.words)
+    assert not any("drawing" in frame for frame in FRAMES)
+    for frame in FRAMES:  # filler adds no new concept words through its frames either
+        assert not concept_words & set(frame.split())
 
 def test_committed_prompt_sets_match_their_generator():
     pd.testing.assert_frame_equal(pd.read_csv(DATA / "quality.csv", keep_default_na=False),

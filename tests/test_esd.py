@@ -1,17 +1,20 @@
 """ESD: parameter selection, the target, the one-UNet teacher, trajectory reuse, resume and bad input,
 on the real tiny-sd model (and SD v1's UNet on the meta device for the layer names)."""
 import copy
+import math
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.erasure.esd import (METHOD_ALIASES, TRAIN_METHODS, ESDSettings, ESDTrainer, NonFiniteLoss,
-                             canonical_method, concept_words, ddpm_timestep_interval, esd_target, run_name,
-                            steps_to_reach,
-                             select_parameters)
+from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, METHOD_ALIASES, TRAIN_METHODS, ESDSettings, ESDTrainer,
+                             NonFiniteLoss, canonical_method, concept_words, ddpm_timestep_interval, esd_target,
+                             read_prompt_templates, run_name, select_parameters, steps_to_reach)
 from ldm.erasure.runs import TRAINED_PARAMS, load_run
-from ldm.paths import MODELS_DIR
+from ldm.paths import MODELS_DIR, REPO_ROOT
 from ldm.util import UsageError, atomic_save, instantiate_from_config, load_model_from_config
 
 from conftest import SD_CONFIG, run_script
@@ -87,6 +90,29 @@ def test_x_t_sits_inside_its_loss_timestep_interval(ddim_steps):
     for t_enc in range(ddim_steps):
         lo, hi = ddpm_timestep_interval(t_enc, ddim_steps)
         assert lo <= timesteps[ddim_steps - 1 - steps_to_reach(t_enc, ddim_steps)] < hi, t_enc
+
+
+def test_prompt_templates_train_every_phrasing_of_every_word(tiny, tmp_path):
+    templates = read_prompt_templates(DEFAULT_PROMPT_TEMPLATES)
+    assert "{}" in templates and len(templates) >= 8
+    evaluation = " ".join(p.read_text() for p in (REPO_ROOT / "data/tiny-sd").rglob("*.csv"))
+    assert not [t for t in templates if t != "{}" and t.replace("{}", "").strip(" ,") in evaluation]
+    chosen = settings(words=["circle", "star"], prompt_templates=["{}", "a picture of {}"])
+    assert chosen.phrasings() == ["circle", "a picture of circle", "star", "a picture of star"]
+    trainer = ESDTrainer(tiny, chosen)
+    expected = tiny.get_learned_conditioning(chosen.phrasings())
+    assert torch.allclose(trainer.concepts, expected)
+    drawn = {int((trainer.concepts == trainer._draw_concept_and_noise()[0]).all(dim=(1, 2)).nonzero()) for _ in range(40)}
+    assert drawn == {0, 1, 2, 3}
+    for bad, message in ((["a picture"], "exactly once"), (["{} and {}"], "exactly once"), ([], "no templates")):
+        with pytest.raises(UsageError, match=message):
+            settings(prompt_templates=bad).check()
+    with pytest.raises(UsageError, match="cannot be combined"):
+        settings(prompt_templates=["{}"], erase_from="star").check()
+    (tmp_path / "t.txt").write_text("# comment\n\na photo of {}\n")
+    assert read_prompt_templates(tmp_path / "t.txt") == ["a photo of {}"]
+    with pytest.raises(UsageError, match="does not exist"):
+        read_prompt_templates(tmp_path / "missing.txt")
 
 
 def test_target_is_negatively_guided():
@@ -214,6 +240,7 @@ def test_script_erases_resumes_and_refuses_to_overwrite(tmp_path):
     (["--erase_from", "circle"], "equals the concept"),
     (["--devices", "3"], "does not exist"),
     (["--prompt", ""], "empty"),
+    (["--prompt_templates", "no-such-templates.txt"], "does not exist"),
 ])
 def test_script_bad_input_is_one_line(tmp_path, flags, message):
     result = run_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 1, "--run_name",
@@ -233,6 +260,49 @@ def test_script_runs_on_sd_v1_structure(tmp_path, small_config_path, small_ckpt)
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "sd" / TRAINED_PARAMS)
     assert keys and all(".attn2." in k and (".output_blocks.6." in k or ".output_blocks.8." in k) for k in keys)
+
+
+def test_teacher_copy_on_a_second_device_and_cpu_autocast(tiny, tiny_state):
+    """``--devices cpu,cpu`` takes the original's path (a whole frozen UNet copy) and trains the same
+    weights as the one-UNet teacher; ``--mixed_precision bf16`` autocasts on the CPU, weights stay fp32."""
+    one = ESDTrainer(tiny, settings())
+    other = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+    other.load_state_dict(tiny_state)
+    two = ESDTrainer(other.eval(), settings(), "cpu", "cpu")
+    assert two.teacher.copy is not None and one.teacher.copy is None
+    for _ in range(3):
+        one.step(), two.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one.trained, two.trained))
+    half = ESDTrainer(tiny, settings(), autocast_dtype=torch.bfloat16)
+    with half._autocast():
+        assert half.unet(torch.randn(1, 4, 16, 16), torch.tensor([5]), context=half.uncond).dtype == torch.bfloat16
+    assert all(math.isfinite(half.step()) for _ in range(2)) and all(p.dtype == torch.float32 for p in half.trained)
+
+
+def test_script_resumes_a_killed_run_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    args = ["--prompt", "star", "--iterations", 150, "--ddim_steps", 10, "--lr", 1e-3, "--save_every", 5,
+            "--devices", "cpu", "--no_diffusers"]
+    killed = subprocess.Popen([sys.executable, str(REPO_ROOT / "train-scripts/train-esd.py"), *map(str, args),
+                               "--run_name", str(tmp_path / "killed")], cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "killed" / "checkpoints" / "last.pt"
+    while killed.poll() is None and not state_file.is_file():
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    reached = torch.load(state_file, weights_only=True)["iteration"]
+    assert 5 <= reached < 150, reached  # killed mid-run
+    resumed = run_script("train-scripts/train-esd.py", *args, "--run_name", tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    whole = run_script("train-scripts/train-esd.py", *args, "--run_name", tmp_path / "whole", "--save_compvis")
+    assert whole.returncode == 0, whole.stderr
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "killed" / TRAINED_PARAMS), load_file(tmp_path / "whole" / TRAINED_PARAMS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "killed" / "loss.txt").read_text().split()) == 150
+    # --save_compvis: the whole edited checkpoint, loaded as the run, holds the trained weights
+    state = load_run(tmp_path / "whole").model.state_dict()
+    assert (tmp_path / "whole" / "model.ckpt").is_file() and all(torch.equal(state[k], b[k]) for k in b)
 
 
 def test_script_stops_on_a_non_finite_loss_and_keeps_the_last_good_state(tmp_path):
@@ -257,5 +327,27 @@ def test_sweep_grid_and_run_names():
     names = {sweep.sweep_run_name("Van Gogh", r) for r in runs}
     assert len(names) == 4 and all(n.startswith("sweep-VanGogh-") for n in names)
     assert sweep.sweep_run_name("Van Gogh", runs[0]) == sweep.sweep_run_name("Van Gogh", dict(reversed(runs[0].items())))
+    assert sweep.sweep_run_name("Van Gogh", runs[0], "a" * 64) != sweep.sweep_run_name("Van Gogh", runs[0], "b" * 64)
+    grid["iterations"] = ["200", "400", "800"]
+    assert sweep.one_at_a_time(grid) == [
+        {"lr": "1e-4", "negative_guidance": "1", "iterations": "200"},
+        {"lr": "5e-4", "negative_guidance": "1", "iterations": "200"},
+        {"lr": "1e-4", "negative_guidance": "2", "iterations": "200"},
+        {"lr": "1e-4", "negative_guidance": "1", "iterations": "400"},
+        {"lr": "1e-4", "negative_guidance": "1", "iterations": "800"}]
     with pytest.raises(UsageError):
         sweep.parse_grid(["lr"])
+    import pandas as pd
+
+    def row(run, measure, group, edited=0.05, change=-1.0, verdict="met"):
+        return {"run": run, "concept": "heart", "lr": run, "fixed": "", "group": group, "measure": measure,
+                "edited": edited, "edited_low": 0.01, "edited_high": 0.09, "change_points": change,
+                "change_low": change - 1, "change_high": change + 1, "verdict": verdict, "erase_seconds": 61.0}
+    frame = pd.DataFrame([row(lr, m, g) for lr in ("1e-3", "3e-4") for m, g in (
+        ("'heart' found, alone", "efficacy"), ("'heart' found, with_others", "efficacy"),
+        ("object 'star'", "same attribute"), ("other objects (mean of 7)", "same attribute"),
+        ("color (mean over values)", "other attributes"), ("style (mean over values)", "other attributes"))])
+    lines = sweep.markdown_table(frame).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| concept | lr | found, alone")
+    assert lines[2] == ("| heart | 1e-3 | 5% [1%, 9%] met | 5% [1%, 9%] met | -1.0 [-2.0, +0.0] met | "
+                        "color -1.0 [-2.0, +0.0] met; style -1.0 [-2.0, +0.0] met | 61 |")

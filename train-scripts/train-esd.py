@@ -13,8 +13,8 @@ import torch
 
 from ldm.cli import add_model_args, new_parser, parse_device, run
 from ldm.convert import save_diffusers
-from ldm.erasure.esd import (ORIGINAL_DEFAULTS, ESDSettings, ESDTrainer, canonical_method, concept_words,
-                             run_name)
+from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, ORIGINAL_DEFAULTS, ESDSettings, ESDTrainer, canonical_method,
+                             concept_words, read_prompt_templates, run_name)
 from ldm.erasure.runs import (base_identity, check_resume, comparison_prompts, load_resume_state, prepare_run_dir,
                               run_training, save_before_after_grid, save_trained_params, write_losses,
                               write_run_config)
@@ -39,15 +39,20 @@ def main():
     parser.add_argument("--ddim_steps", type=int, help="default 50")
     parser.add_argument("--image_size", type=int, help="pixels (default: the model's own size)")
     parser.add_argument("--devices", default="0" if torch.cuda.is_available() else "cpu",
-                        help="cpu, 0, or 0,1 (the frozen teacher on the second)")
+                        help="cpu, 0, or 0,1: the frozen teacher as a whole UNet copy on the second (cpu,cpu "
+                             "too); one device keeps one UNet and copies only the trained weights")
     parser.add_argument("--seperator", help="split --prompt on this to erase several concepts (e.g. ',')")
+    parser.add_argument("--prompt_templates", nargs="?", const=str(DEFAULT_PROMPT_TEMPLATES), metavar="FILE",
+                        help="train on phrasings of the concept, one template a line with {} (bare flag: "
+                             "data/esd-prompt-templates.txt); default: the bare concept, as the paper")
     parser.add_argument("--erase_from", help="erase the concept only where it appears with this one")
     parser.add_argument("--sample_from", default="esd", choices=["esd", "base"],
                         help="who samples x_t: the model being trained (original) or the frozen one")
     parser.add_argument("--targets_per_trajectory", type=int, default=1,
                         help="with --sample_from base: training targets taken from one sampling trajectory")
     parser.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                        help="autocast on a GPU (auto: bf16 where supported); weights stay fp32")
+                        help="autocast (auto: bf16 on a GPU where supported, fp16 otherwise; none on the CPU, "
+                             "where bf16 or fp16 must be asked for); weights and Adam's state stay fp32")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--run_name", help="default: the original naming compvis-word_<prompt>-method_<m>-...")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,11 +85,12 @@ def main():
                            negative_guidance=args.negative_guidance, iterations=args.iterations, lr=args.lr,
                            ddim_steps=args.ddim_steps, image_size=image_size, sample_from=args.sample_from,
                            erase_from=args.erase_from, targets_per_trajectory=args.targets_per_trajectory,
-                           seed=args.seed)
+                           seed=args.seed,
+                           prompt_templates=read_prompt_templates(args.prompt_templates) if args.prompt_templates else None)
     precision = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     if args.mixed_precision == "auto" and devices[0].type == "cuda":
         precision = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    trainer = ESDTrainer(model, settings, devices[0], devices[-1], precision)
+    trainer = ESDTrainer(model, settings, devices[0], devices[1] if len(devices) == 2 else None, precision)
     run_dir = prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite)  # every argument checked
     run_args, base = {"method": "esd", **vars(args), **settings.as_dict()}, base_identity(args.config_path, args.ckpt_path)
     if args.resume:

@@ -47,7 +47,8 @@ def main():
     if (out / "model.ckpt").exists() and not args.overwrite:
         raise UsageError(f"'{out}' already holds a model; pass --overwrite to replace it, or another --out_dir")
     ae_config, ldm_config = load_config(args.autoencoder_config), load_config(args.config)
-    dataset = ConceptWorld(size=args.dataset_size, seed=args.seed)
+    dataset = ConceptWorld(size=args.dataset_size, seed=args.seed,
+                           max_length=ldm_config.model.params.cond_stage_config.params.max_length)
     world = world_fingerprint(args.dataset_size, args.seed)
 
     autoencoder = instantiate_from_config(ae_config.model)

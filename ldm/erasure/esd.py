@@ -9,12 +9,14 @@ cross-attention weights, their copy and their optimizer state.
 """
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from ldm.models.diffusion.ddim import ddim_sample, make_ddim_timesteps
+from ldm.paths import REPO_ROOT
 from ldm.util import UsageError
 
 
@@ -43,6 +45,9 @@ PROMPT_MACROS = {
                  "mutated, extra limbs, extra legs, extra arms, disfigured, deformed, cross-eye, body out of frame, "
                  "blurry, bad art, bad anatomy, blurred, text, watermark, grainy"),
 }
+
+# Generic phrasings for --prompt_templates (none copies an evaluation prompt of data/tiny-sd/).
+DEFAULT_PROMPT_TEMPLATES = REPO_ROOT / "data" / "esd-prompt-templates.txt"
 
 # The original CompVis script's defaults (SD v1); a model config may carry its own (``esd_defaults:``).
 ORIGINAL_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0,
@@ -115,15 +120,15 @@ def esd_target(e_anchor, e_uncond, e_concept, negative_guidance):
 class Teacher:
     """The frozen model: ``unet`` evaluated with the original values of its trained parameters.
 
-    On the same device, nothing but those values is copied. On another device (``--devices 0,1``)
-    the teacher is a frozen copy of the whole UNet there, as the original two-GPU setup.
+    With ``device`` None, nothing but those values is copied. With a ``device`` (``--devices 0,1``;
+    ``cpu,cpu`` too) the teacher is a frozen copy of the whole UNet there, as the original two-GPU setup.
     """
 
     def __init__(self, unet, trained_names, device=None):
         self.unet = unet
         params = dict(unet.named_parameters())
-        self.device = device or params[trained_names[0]].device
-        if self.device == params[trained_names[0]].device:
+        self.device = torch.device(device) if device is not None else params[trained_names[0]].device
+        if device is None:
             self.original = {n: params[n].detach().clone() for n in trained_names}
             self.copy = None
         else:
@@ -172,6 +177,7 @@ class ESDSettings:
     erase_from: str = None
     targets_per_trajectory: int = 1
     seed: int = 0
+    prompt_templates: list = None  # phrasings of the concept ("a picture of {}"); None: the bare words
 
     def check(self):
         """Refuse contradictory settings with one line each."""
@@ -192,10 +198,38 @@ class ESDSettings:
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if self.iterations < 1 or self.ddim_steps < 1:
             raise UsageError("--iterations and --ddim_steps must be >= 1")
+        if self.prompt_templates is not None:
+            check_prompt_templates(self.prompt_templates)
+            if self.erase_from is not None:
+                raise UsageError("--prompt_templates and --erase_from cannot be combined; "
+                                 "write the phrasings of 'A in B' yourself as --prompt with --erase_from")
         return self
+
+    def phrasings(self):
+        """The prompts the concept is trained on: every template filled with every word."""
+        return [t.replace("{}", w) for w in self.words for t in (self.prompt_templates or ["{}"])]
 
     def as_dict(self):
         return asdict(self)
+
+
+def check_prompt_templates(templates, source="--prompt_templates"):
+    """Refuse an empty template list or a template without exactly one ``{}``, with one line."""
+    if not templates:
+        raise UsageError(f"{source} holds no templates; write one phrasing a line, with {{}} for the concept")
+    for template in templates:
+        if template.count("{}") != 1:
+            raise UsageError(f"{source}: template '{template}' must contain {{}} exactly once (where the concept goes)")
+    return list(templates)
+
+
+def read_prompt_templates(path):
+    """Templates from a text file: one a line with ``{}`` for the concept; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--prompt_templates file '{path}' does not exist; give a text file with one template a line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return check_prompt_templates([line for line in lines if line and not line.startswith("#")], source=str(path))
 
 
 class NonFiniteLoss(UsageError):
@@ -228,17 +262,18 @@ class ESDTrainer:
         self.iteration, self.losses = 0, []
         self._pending = []  # reused-trajectory targets not yet trained on
         with torch.no_grad():
-            prompts = ["", *settings.words] + ([settings.erase_from] if settings.erase_from else [])
+            phrasings = settings.phrasings()
+            prompts = ["", *phrasings] + ([settings.erase_from] if settings.erase_from else [])
             embeddings = model.get_learned_conditioning(prompts).to(self.device)
         self.uncond = embeddings[:1]
-        self.concepts = embeddings[1:1 + len(settings.words)]
+        self.concepts = embeddings[1:1 + len(phrasings)]  # one per word and phrasing
         self.anchor = embeddings[-1:] if settings.erase_from else None
         factor = 2 ** model.num_downs
         self.latent_shape = (model.channels, settings.image_size // factor, settings.image_size // factor)
         self.timesteps = make_ddim_timesteps(settings.ddim_steps, model.num_timesteps)
 
     def _autocast(self):
-        enabled = self.autocast_dtype is not None and self.device.type == "cuda"
+        enabled = self.autocast_dtype is not None
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
 
     def _student(self, x, t, context):
@@ -273,8 +308,8 @@ class ESDTrainer:
         return self._target(x_t, t, concept, e_uncond=e[0:1], e_concept=e[1:2], e_anchor=e[2:3])
 
     def _draw_concept_and_noise(self):
-        word = self._randint(len(self.settings.words))
-        concept = self.concepts[word:word + 1]
+        phrasing = self._randint(len(self.concepts))
+        concept = self.concepts[phrasing:phrasing + 1]
         sample_with = self.anchor if self.anchor is not None else concept  # erase_from: x_t shows B
         x_T = torch.randn((1, *self.latent_shape), generator=self.generator).to(self.device)
         return concept, sample_with, x_T
