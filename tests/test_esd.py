@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, METHOD_ALIASES, TRAIN_METHODS, ESDSettings, ESDTrainer,
                              NonFiniteLoss, canonical_method, concept_words, ddpm_timestep_interval, esd_target,
-                             read_prompt_templates, run_name, select_parameters, steps_to_reach)
+                             read_prompt_templates, run_name, select_parameters, steps_to_reach,
+                             with_defaults)
 from ldm.erasure.runs import TRAINED_PARAMS, load_run
 from ldm.paths import MODELS_DIR, REPO_ROOT
 from ldm.util import UsageError, atomic_save, instantiate_from_config, load_model_from_config
@@ -113,6 +114,20 @@ def test_prompt_templates_train_every_phrasing_of_every_word(tiny, tmp_path):
     assert read_prompt_templates(tmp_path / "t.txt") == ["a photo of {}"]
     with pytest.raises(UsageError, match="does not exist"):
         read_prompt_templates(tmp_path / "missing.txt")
+
+
+def test_model_defaults_fill_only_what_the_user_left_and_reuse_follows_the_users_sampling():
+    tiny = OmegaConf.to_container(OmegaConf.load(TINY / "config.yaml").esd_defaults)
+    assert with_defaults({}, {}) == {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0,
+                                     "ddim_steps": 50, "sample_from": "esd", "targets_per_trajectory": 1}
+    filled = with_defaults({"lr": 5e-4}, tiny)
+    assert filled["lr"] == 5e-4 and filled["iterations"] == tiny["iterations"]
+    assert filled["targets_per_trajectory"] == tiny.get("targets_per_trajectory", 1)
+    reuse = {"sample_from": "base", "targets_per_trajectory": 20}
+    assert with_defaults({"sample_from": "esd"}, reuse)["targets_per_trajectory"] == 1  # the original's sampling
+    assert with_defaults({"ddim_steps": 6}, reuse)["targets_per_trajectory"] == 6  # at most one per step
+    assert with_defaults({"targets_per_trajectory": 30, "ddim_steps": 6}, reuse)["targets_per_trajectory"] == 30  # the
+    # user's own contradictory choice is left for ESDSettings.check to refuse in one line
 
 
 def test_target_is_negatively_guided():
@@ -256,7 +271,8 @@ def test_script_runs_on_sd_v1_structure(tmp_path, small_config_path, small_ckpt)
                         "--ddim_steps", 4, "--run_name", tmp_path / "sd", "--no_diffusers", "--devices", "cpu")
     assert result.returncode == 0, result.stderr
     config = OmegaConf.load(tmp_path / "sd" / "config.yaml")
-    assert config.run.iterations == 2 and config.run.lr == 1e-5  # the original's default, not tiny-sd's
+    assert config.run.iterations == 2 and config.run.lr == 1e-5  # the original's defaults, not tiny-sd's
+    assert config.run.sample_from == "esd" and config.run.targets_per_trajectory == 1
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "sd" / TRAINED_PARAMS)
     assert keys and all(".attn2." in k and (".output_blocks.6." in k or ".output_blocks.8." in k) for k in keys)
@@ -274,8 +290,13 @@ def test_teacher_copy_on_a_second_device_and_cpu_autocast(tiny, tiny_state):
         one.step(), two.step()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one.trained, two.trained))
     half = ESDTrainer(tiny, settings(), autocast_dtype=torch.bfloat16)
+    seen = []  # the UNet casts its output back to the input's dtype; its layers show the autocast
+    hook = dict(half.unet.named_modules())[half.trained_names[0].rsplit(".", 1)[0]].register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype))
     with half._autocast():
-        assert half.unet(torch.randn(1, 4, 16, 16), torch.tensor([5]), context=half.uncond).dtype == torch.bfloat16
+        half.unet(torch.randn(1, 4, 16, 16), torch.tensor([5]), context=half.uncond)
+    hook.remove()
+    assert seen == [torch.bfloat16]
     assert all(math.isfinite(half.step()) for _ in range(2)) and all(p.dtype == torch.float32 for p in half.trained)
 
 

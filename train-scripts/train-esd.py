@@ -13,8 +13,8 @@ import torch
 
 from ldm.cli import add_model_args, new_parser, parse_device, run
 from ldm.convert import save_diffusers
-from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, ORIGINAL_DEFAULTS, ESDSettings, ESDTrainer, canonical_method,
-                             concept_words, read_prompt_templates, run_name)
+from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, ESDSettings, ESDTrainer, canonical_method,
+                             concept_words, read_prompt_templates, run_name, with_defaults)
 from ldm.erasure.runs import (base_identity, check_resume, comparison_prompts, load_resume_state, prepare_run_dir,
                               run_training, save_before_after_grid, save_trained_params, write_losses,
                               write_run_config)
@@ -46,10 +46,12 @@ def main():
                         help="train on phrasings of the concept, one template a line with {} (bare flag: "
                              "data/esd-prompt-templates.txt); default: the bare concept, as the paper")
     parser.add_argument("--erase_from", help="erase the concept only where it appears with this one")
-    parser.add_argument("--sample_from", default="esd", choices=["esd", "base"],
-                        help="who samples x_t: the model being trained (original) or the frozen one")
-    parser.add_argument("--targets_per_trajectory", type=int, default=1,
-                        help="with --sample_from base: training targets taken from one sampling trajectory")
+    parser.add_argument("--sample_from", choices=["esd", "base"],
+                        help="who samples x_t: the model being trained (the original; default for SD v1) or the "
+                             "frozen one (the authors' later code); default: the model config's esd_defaults")
+    parser.add_argument("--targets_per_trajectory", type=int,
+                        help="with --sample_from base: training targets taken from one sampling trajectory "
+                             "(default 1 for SD v1, the model config's esd_defaults)")
     parser.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                         help="autocast (auto: bf16 on a GPU where supported, fp16 otherwise; none on the CPU, "
                              "where bf16 or fp16 must be asked for); weights and Adam's state stay fp32")
@@ -66,10 +68,8 @@ def main():
     words = concept_words(args.prompt, args.seperator)
     method = canonical_method(args.train_method)
     config = load_config(args.config_path)
-    defaults = {**ORIGINAL_DEFAULTS, **config.get("esd_defaults", {})}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    for key, value in with_defaults(vars(args), config.get("esd_defaults", {})).items():
+        setattr(args, key, value)
     devices = [parse_device(d) for d in args.devices.split(",")]
     if len(devices) > 2:
         raise UsageError("--devices takes one or two devices, e.g. 0 or 0,1")

@@ -51,7 +51,21 @@ DEFAULT_PROMPT_TEMPLATES = REPO_ROOT / "data" / "esd-prompt-templates.txt"
 
 # The original CompVis script's defaults (SD v1); a model config may carry its own (``esd_defaults:``).
 ORIGINAL_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0,
-                     "ddim_steps": 50}
+                     "ddim_steps": 50, "sample_from": "esd", "targets_per_trajectory": 1}
+
+
+def with_defaults(chosen, model_defaults):
+    """The settings in ``chosen`` (None where the user gave none) filled from a model config's
+    ``esd_defaults`` over ``ORIGINAL_DEFAULTS``. Trajectory reuse taken from the defaults follows the
+    user's own choices: one target per trajectory when they sample with the model being trained, at
+    most one per DDIM step."""
+    filled = {k: chosen.get(k) for k in ORIGINAL_DEFAULTS}
+    from_defaults = {k for k, v in filled.items() if v is None}
+    filled.update({k: {**ORIGINAL_DEFAULTS, **model_defaults}[k] for k in from_defaults})
+    if "targets_per_trajectory" in from_defaults:
+        reuse = filled["targets_per_trajectory"] if filled["sample_from"] == "base" else 1
+        filled["targets_per_trajectory"] = min(reuse, filled["ddim_steps"])
+    return filled
 
 
 def canonical_method(train_method):
