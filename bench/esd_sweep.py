@@ -65,7 +65,7 @@ def markdown_table(frame):
     attribute's other values and of each other attribute (points, 95% interval), each with its verdict,
     and the erase's seconds."""
     first = list(frame.columns).index("group")
-    flag_columns = [c for c in frame.columns[2:first] if frame[c].nunique(dropna=False) > 1 or c != "fixed"]
+    flag_columns = [c for c in frame.columns[2:first] if c != "fixed" or frame[c].nunique(dropna=False) > 1]
 
     def cell(row, figure):
         if figure == "efficacy":
