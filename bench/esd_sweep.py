@@ -7,15 +7,18 @@
 Every combination of the --grid values (flags of train-scripts/train-esd.py, with --fixed flags added
 to all; with --design one_at_a_time, the first value of every flag, then each other value changed
 alone) is trained with train-esd.py and measured with erasure-report.py, both run as the user runs
-them. Runs are named by concept, a digest of their flags and the base checkpoint's SHA-256, so a
-killed sweep resumes where it stopped (a finished run with a report is not redone) and a retrained
-base model is never reported from an old sweep's runs. Writes --out (default outputs/esd-sweep.csv): one
-row per run and report row, with the run's flags, the erase's wall-clock seconds and every report
-figure with its interval and verdict. ``--table CSV [CSV ...]`` prints such files as the README's
+them. Runs are named by concept, a digest of their flags and the base model's identity (the SHA-256 of
+its checkpoint and config, whose esd_defaults set every flag not given), so a killed sweep resumes where
+it stopped (a finished erase is not redone; its report is made again only when the concept's prompt set
+changed) and a retrained base model or changed defaults
+are never reported from an old sweep's runs. Writes --out (default outputs/esd-sweep.csv): one row per
+run and report row, with the run's flags, the erase's wall-clock seconds and every report figure with its
+interval and verdict; rows of other runs already in the file are kept, so several sweeps can share it. ``--table CSV [CSV ...]`` prints such files as the README's
 Markdown table (one line per run) and runs nothing.
 """
 import hashlib
 import itertools
+import json
 import shlex
 import subprocess
 import sys
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ldm.cli import new_parser, run
-from ldm.loading import sha256_of
-from ldm.paths import MODELS_DIR, REPO_ROOT, resolve_path
-from ldm.util import UsageError, atomic_to_csv
+from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, new_parser, run
+from ldm.loading import compvis_identity
+from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.data.prompt_sets import concept_filename
+from ldm.util import UsageError, atomic_to_csv, file_sha256
 
 
 def parse_grid(entries):
@@ -54,10 +58,21 @@ def one_at_a_time(grid):
 
 
 def sweep_run_name(concept, flags, base_sha256=""):
-    """A stable run name for a concept, its flags and the base model's checkpoint hash."""
+    """A stable run name for a concept, its flags and the base model's identity (checkpoint and config: the
+    config's ``esd_defaults`` set every flag not given)."""
     text = " ".join(f"--{k} {v}" for k, v in sorted(flags.items()))
     digest = hashlib.sha256(f"{concept}|{text}|{base_sha256}".encode()).hexdigest()[:10]
     return f"sweep-{concept.replace(' ', '')}-{digest}"
+
+
+def merge_rows(kept, new):
+    """The rows of ``kept`` (an earlier sweep file) whose runs are not in ``new``, then ``new``."""
+    if kept.empty:
+        return new
+    merged = pd.concat([kept[~kept["run"].isin(new["run"])], new], ignore_index=True)
+    flags = [c for frame in (kept, new) for c in frame.columns[:list(frame.columns).index("group")]]
+    flags = list(dict.fromkeys(flags))  # both sweeps' flag columns, before the report's columns
+    return merged[flags + [c for c in merged.columns if c not in flags]]
 
 
 def markdown_table(frame):
@@ -84,10 +99,23 @@ def markdown_table(frame):
                 if r.group == "same attribute" and r.measure.startswith("other ")]
         other = [f"{r.measure.split()[0]} {cell(r, 'change')}" for r in rows.itertuples(index=False)
                  if r.group == "other attributes"]
-        flags = [str(rows.iloc[0][c]) for c in flag_columns]
+        flags = ["default" if pd.isna(rows.iloc[0][c]) else str(rows.iloc[0][c]) for c in flag_columns]  # not in that sweep
         lines.append("| " + " | ".join([concept, *flags, *found, "; ".join(same), "; ".join(other),
                                         f"{rows.iloc[0].erase_seconds:.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def report_is_current(report_dir, concept, report_flags=""):
+    """Whether ``report_dir`` holds a report on the concept's prompt set as it is now (a changed prompt file
+    means the report is made again; the erase is kept)."""
+    flags = shlex.split(report_flags)
+    prompts = (flags[flags.index("--prompts_path") + 1] if "--prompts_path" in flags
+               else REPO_ROOT / "data/tiny-sd/concepts" / concept_filename(concept))
+    try:
+        recorded = json.loads((report_dir / "models.json").read_text())["prompts"]["sha256"]
+    except (OSError, KeyError, ValueError):
+        return False
+    return (report_dir / "summary.csv").is_file() and recorded == file_sha256(prompts)
 
 
 def _script(path, *args):
@@ -120,20 +148,24 @@ def main():
     grid = parse_grid(args.grid)
     settings = combinations(grid) if args.design == "full" else one_at_a_time(grid)
     fixed = shlex.split(args.fixed)
-    ckpt = fixed[fixed.index("--ckpt_path") + 1] if "--ckpt_path" in fixed else MODELS_DIR / "tiny-sd" / "model.ckpt"
-    base_sha256 = sha256_of(Path(resolve_path(ckpt)))
+    ckpt = fixed[fixed.index("--ckpt_path") + 1] if "--ckpt_path" in fixed else DEFAULT_CKPT
+    config = fixed[fixed.index("--config_path") + 1] if "--config_path" in fixed else DEFAULT_CONFIG
+    base_sha256 = compvis_identity(config, ckpt)["sha256"]
+    out = Path(args.out)
+    kept = pd.read_csv(out) if out.is_file() else pd.DataFrame()  # rows of earlier sweeps into the same file stay
     rows = []
     for concept in [c.strip() for c in args.concepts.split(",") if c.strip()]:
         for flags in settings:
             name = sweep_run_name(concept, {**flags, "fixed": args.fixed}, base_sha256)
             report_dir = REPO_ROOT / "outputs/erasure/reports" / name
             seconds_file = MODELS_DIR / name / "erase-seconds.txt"
-            if not (report_dir / "summary.csv").is_file():
+            if not seconds_file.is_file():  # written once the erase has finished
                 train = ["--prompt", concept, "--run_name", name, "--overwrite", "--no_diffusers",
                          *[x for k, v in flags.items() for x in (f"--{k}", v)], *fixed]
                 start = time.perf_counter()
                 _script("train-scripts/train-esd.py", *train)
                 seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")
+            if not report_is_current(report_dir, concept, args.report_flags):
                 _script("eval-scripts/erasure-report.py", "--model_name", name, *shlex.split(args.report_flags))
             summary = pd.read_csv(report_dir / "summary.csv")
             summary.insert(0, "run", name)
@@ -142,7 +174,7 @@ def main():
                 summary.insert(position, key, value)
             summary["erase_seconds"] = float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
             rows.append(summary)
-            atomic_to_csv(pd.concat(rows, ignore_index=True), Path(args.out))
+            atomic_to_csv(merge_rows(kept, pd.concat(rows, ignore_index=True)), out)
             print(f"{name}: {concept} {flags} done", flush=True)
     print(f"sweep table in {args.out}")
 

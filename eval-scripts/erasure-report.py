@@ -3,7 +3,9 @@
     python eval-scripts/erasure-report.py --model_name <run_name>          # concept read from the run
     python eval-scripts/erasure-report.py --model_name <run_name> --concept circle --base_model tiny-sd
 
-Generates data/tiny-sd/concepts/<concept>.csv with the base and the edited model (images are cached
+Generates data/tiny-sd/concepts/<concept>.csv (for a run trained with --erase_from B, the attribute-erasure
+sets of ldm.data.prompt_sets.attribute_erasure_prompts, written to --save_path/prompts/) with the base and
+the edited model (images are cached
 under --save_path/images/<model>/<prompts>-<key>, the key a digest of the model's identity, the
 prompt file's SHA-256 and the sampling settings, so they are reused only for the same weights), classifies them with the tiny-sd evaluator and writes, under
 --save_path/reports/<run_name>/: summary.csv (the table printed), per-concept.csv (accuracy on every
@@ -18,9 +20,9 @@ import pandas as pd
 import torch
 
 from ldm.cli import new_parser, parse_device, run
-from ldm.data.prompt_sets import concept_filename
-from ldm.erasure.report import (comparison_rows, erasure_summary, format_summary, known_concepts,
-                                per_concept_accuracy, stack_pairs)
+from ldm.data.prompt_sets import attribute_erasure_prompts, attribute_of, concept_filename
+from ldm.erasure.report import (attribute_erasure_summary, comparison_rows, erasure_summary, format_summary,
+                                known_concepts, per_concept_accuracy, stack_pairs)
 from ldm.evaluation import classify_folder, read_images
 from ldm.evaluator import check_autoencoder, load_evaluator
 from ldm.metrics import evaluator_fid
@@ -29,7 +31,7 @@ from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
 from ldm.loading import model_folder
 from ldm.text2image import check_settings, generation_settings, load_generator, make_jobs, run_jobs, settings_key
-from ldm.util import UsageError, atomic_to_csv, atomic_write_text, load_config
+from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256, load_config
 
 
 def generate_and_classify(model_name, generator, prompts, args, evaluator):
@@ -52,7 +54,10 @@ def main():
     parser.add_argument("--model_name", required=True, help="the edited model: a run folder under models/")
     parser.add_argument("--base_model", default="tiny-sd")
     parser.add_argument("--concept", help="the erased tiny-sd concept (default: the run's --prompt)")
-    parser.add_argument("--prompts_path", help="default: data/tiny-sd/concepts/<concept>.csv")
+    parser.add_argument("--erase_from", help="report attribute erasure: the concept removed only where it appears "
+                                             "with this one (default: the run's --erase_from)")
+    parser.add_argument("--prompts_path", help="default: data/tiny-sd/concepts/<concept>.csv, or the "
+                                               "attribute-erasure sets for --erase_from")
     parser.add_argument("--save_path", default="outputs/erasure")
     parser.add_argument("--num_samples", type=int, default=10,
                         help="images per prompt; 10 gives the 'alone' set 40 images, the fewest for which no image "
@@ -67,15 +72,26 @@ def main():
     args = parser.parse_args()
 
     folder = model_folder(args.model_name)
-    concept = args.concept or load_config(folder / "config.yaml").get("run", {}).get("prompt")
-    if concept not in known_concepts():
-        raise UsageError(f"'{concept}' is not a tiny-sd concept; pass --concept, one of: {', '.join(known_concepts())}")
+    run_args = load_config(folder / "config.yaml").get("run", {})
+    concept = args.concept or run_args.get("prompt")
+    erase_from = args.erase_from or (run_args.get("erase_from") if concept == run_args.get("prompt") else None)
+    for name in (concept, erase_from):
+        if name is not None and name not in known_concepts():
+            raise UsageError(f"'{name}' is not a tiny-sd concept; pass --concept (and --erase_from), each one of: "
+                             f"{', '.join(known_concepts())}")
+    if erase_from is not None and attribute_of(erase_from) == attribute_of(concept):
+        raise UsageError(f"--erase_from '{erase_from}' is a {attribute_of(concept)} like '{concept}'; attribute "
+                         "erasure removes a concept from a concept of another attribute")
+    save_path = Path(args.save_path)
+    if args.prompts_path is None and erase_from is not None:
+        args.prompts_path = save_path / "prompts" / concept_filename(f"{concept} from {erase_from}")
+        args.prompts_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_to_csv(attribute_erasure_prompts(concept, erase_from), args.prompts_path)
     args.prompts_path = args.prompts_path or REPO_ROOT / "data/tiny-sd/concepts" / concept_filename(concept)
     prompts = read_prompts(args.prompts_path)
     device = parse_device(args.device)
     evaluator = load_evaluator(args.evaluator_path, device)
 
-    save_path = Path(args.save_path)
     generators = {name: load_generator(device, model_name=name, force_base=args.force_base)  # both load, or
                   for name in (args.base_model, args.model_name)}  # nothing is generated
     results = {name: generate_and_classify(name, generator, prompts, args, evaluator)
@@ -84,7 +100,8 @@ def main():
     base, edited = results[args.base_model][0], results[args.model_name][0]
     identities = {"base": results[args.base_model][1], "edited": results[args.model_name][1]}
 
-    summary = erasure_summary(concept, base, edited, prompts)
+    summary = (attribute_erasure_summary(concept, erase_from, base, edited, prompts) if erase_from
+               else erasure_summary(concept, base, edited, prompts))
     for role, identity in identities.items():  # every figure says which weights made it
         summary[f"{role}_sha256"] = identity["sha256"][:12]
     per_concept = per_concept_accuracy(base, prompts).merge(
@@ -106,7 +123,9 @@ def main():
         atomic_to_csv(table, report_dir / name)
     atomic_write_text(report_dir / "models.json", json.dumps(
         {"base": {"name": args.base_model, **identities["base"]},
-         "edited": {"name": args.model_name, **identities["edited"]}}, indent=2))
+         "edited": {"name": args.model_name, **identities["edited"]},
+         "prompts": {"path": str(args.prompts_path), "sha256": file_sha256(args.prompts_path)},
+         "num_samples": args.num_samples}, indent=2))
 
     cases = comparison_rows(prompts)
     names = [f"{c}_0.png" for c in cases]
@@ -114,7 +133,7 @@ def main():
                         read_images(image_dirs[args.model_name], names)[0])
     labels = prompts.set_index("case_number").loc[cases, "prompt"].tolist()
     save_image_grid(pairs, report_dir / "comparison.png", row_labels=labels, col_labels=["base", "edited"],
-                    title=f"erasing '{concept}'")
+                    title=f"erasing '{concept}'" + (f" from '{erase_from}'" if erase_from else ""))
     print(f"base {args.base_model} ({identities['base']['sha256'][:12]}), edited {args.model_name} "
           f"({identities['edited']['sha256'][:12]}); {args.num_samples} images per prompt")
     print(format_summary(summary))

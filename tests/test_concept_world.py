@@ -146,6 +146,13 @@ def test_concept_sets_name_the_concept_only_where_they_should(concept):
     assert (with_it[attribute] == concept).all()
     assert (prompts[prompts["set"] == "without"][attribute] != concept).all()
     assert not prompts[prompts["set"] == "without"]["prompt"].str.contains(concept).any()
+    without = prompts[prompts["set"] == "without"]
+    for head, values in ATTRIBUTES.items():  # every other value measured on several prompts, evenly
+        counts = without[head].value_counts()
+        expected = [v for v in values if v not in ("none", concept)]
+        assert sorted(counts.index) == sorted(expected) and counts.min() >= 6 and counts.max() - counts.min() <= 2
+    pairs = without.groupby("color")["object"].nunique()
+    assert (pairs >= 4).all()  # a color is not measured on one object only
 
 
 def _csv(tmp_path, text):

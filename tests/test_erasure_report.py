@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ldm.data.prompt_sets import concept_prompts
-from ldm.erasure.report import erasure_summary, format_summary, per_concept_accuracy
+from ldm.data.prompt_sets import attribute_erasure_prompts, concept_prompts
+from ldm.erasure.report import attribute_erasure_summary, erasure_summary, format_summary, per_concept_accuracy
 from ldm.evaluation import wilson_interval
 from ldm.paths import REPO_ROOT
 
@@ -66,6 +66,55 @@ def test_intervals_cover_the_estimate_and_undecided_verdicts_are_said():
     assert row.verdict == "not met" and row.edited > 0.8
 
 
+@pytest.mark.parametrize("concept, erase_from", [("Van Gogh", "heart"), ("red", "Seurat"), ("moon", "blue")])
+def test_attribute_erasure_sets_name_what_they_say(concept, erase_from):
+    prompts = attribute_erasure_prompts(concept, erase_from)
+    attribute = {"Van Gogh": "style", "red": "color", "moon": "object"}[concept]
+    b_attribute = {"heart": "object", "Seurat": "style", "blue": "color"}[erase_from]
+    by_set = dict(tuple(prompts.groupby("set")))
+    assert set(by_set) == {"from", "from_named", "elsewhere", "elsewhere_named"}
+    assert (by_set["from"][b_attribute] == erase_from).all() and (by_set["from"][attribute] == "").all()
+    assert (by_set["from_named"][attribute] == concept).all()
+    assert not by_set["elsewhere"][b_attribute].isin([erase_from, ""]).any()
+    assert (by_set["elsewhere_named"][attribute] == concept).all()
+    assert by_set["elsewhere"][b_attribute].nunique() > 4  # spread over the other values
+    for row in prompts.itertuples():  # every named value is in the sentence, no other concept word is
+        for value in (row.object, row.color, row.style):
+            assert not value or value in row.prompt
+    with pytest.raises(ValueError, match="both style values"):
+        attribute_erasure_prompts("Van Gogh", "Seurat")
+
+
+def test_attribute_erasure_summary():
+    """Van Gogh erased from hearts: gone where the heart is drawn, kept on every other object."""
+    prompts = attribute_erasure_prompts("Van Gogh", "heart")
+    sets = prompts.set_index("case_number")["set"]
+
+    def drawn(erased):
+        rows = []
+        for row in prompts.itertuples(index=False):
+            for sample in range(10):
+                # where the prompt names no style, the model draws Van Gogh in 3 of 10 images
+                style = row.style or ("Van Gogh" if sample < 3 else "Rothko")
+                if erased and sets[row.case_number].startswith("from") and style == "Van Gogh":
+                    style = "Pollock"
+                rows.append({"case_number": row.case_number, "sample": sample, "pred_object": row.object,
+                             "pred_color": row.color or "red", "pred_style": style})
+        return pd.DataFrame(rows)
+
+    table = attribute_erasure_summary("Van Gogh", "heart", drawn(False), drawn(True), prompts,
+                                      bootstrap=200).set_index("measure")
+    implicit, named = table.loc["'Van Gogh' found, from"], table.loc["'Van Gogh' found, from_named"]
+    assert implicit.base == pytest.approx(0.3) and implicit.edited == 0 and implicit.verdict == "met"
+    assert named.base == 1 and named.edited == 0 and named.images == 80
+    for name in ("elsewhere", "elsewhere_named"):
+        kept = table.loc[f"'Van Gogh' found, {name}"]
+        assert kept.change_points == 0 and kept.verdict == "met" and kept.group == "kept elsewhere"
+    assert table.loc["object 'heart' on its prompts"].verdict == "met"
+    assert table.loc["color (mean over values)"].images == 10 * (prompts.color != "").sum()
+    assert "| drop <= 5 | met |" in format_summary(table.reset_index())
+
+
 def test_wilson_interval():
     low, high = wilson_interval(0, 40)
     assert low == 0 and 0.08 < high < 0.09  # 0 of 40 still allows ~8.8%
@@ -103,6 +152,25 @@ def test_report_uses_the_retrained_runs_images(tmp_path):
     assert len(folders) == 2  # one image folder per weights: the old one is never read for the new run
     summary = pd.read_csv(save_path / "reports" / "run" / "summary.csv")
     assert (summary["edited_sha256"] == identities[1]["edited"]["sha256"][:12]).all()
+
+
+@pytest.mark.slow
+def test_report_of_an_attribute_erasure_run(tmp_path):
+    """A run trained with --erase_from is reported on the attribute-erasure sets, without flags."""
+    run_dir, save_path = tmp_path / "run", tmp_path / "erasure"
+    trained = run_script("train-scripts/train-esd.py", "--prompt", "Van Gogh", "--erase_from", "heart",
+                         "--iterations", 1, "--ddim_steps", 4, "--run_name", run_dir, "--devices", "cpu", "--no_diffusers")
+    assert trained.returncode == 0, trained.stderr
+    report = run_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--save_path", save_path,
+                        "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu")
+    assert report.returncode == 0, report.stderr
+    summary = pd.read_csv(save_path / "reports" / "run" / "summary.csv")
+    assert "'Van Gogh' found, from_named" in set(summary.measure)
+    assert set(summary.group) == {"efficacy", "kept elsewhere", "other attributes"}
+    assert (save_path / "prompts" / "van_gogh_from_heart.csv").exists()
+    wrong = run_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--save_path", save_path,
+                       "--erase_from", "Seurat")
+    assert "another attribute" in one_line_error(wrong)
 
 
 def test_report_bad_input_is_one_line(tmp_path, small_config, small_config_path, small_ckpt):

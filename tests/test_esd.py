@@ -16,7 +16,7 @@ from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, METHOD_ALIASES, TRAIN_MET
                              with_defaults)
 from ldm.erasure.runs import TRAINED_PARAMS, load_run
 from ldm.paths import MODELS_DIR, REPO_ROOT
-from ldm.util import UsageError, atomic_save, instantiate_from_config, load_model_from_config
+from ldm.util import UsageError, atomic_save, file_sha256, instantiate_from_config, load_model_from_config
 
 from conftest import SD_CONFIG, run_script
 
@@ -336,7 +336,7 @@ def test_script_stops_on_a_non_finite_loss_and_keeps_the_last_good_state(tmp_pat
     assert 1 <= state["iteration"] < 5 and all(torch.isfinite(v).all() for v in state["trained"].values())
 
 
-def test_sweep_grid_and_run_names():
+def test_sweep_grid_and_run_names(tmp_path):
     import importlib.util
     spec = importlib.util.spec_from_file_location("esd_sweep", TINY.parent.parent / "bench/esd_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
@@ -364,6 +364,18 @@ def test_sweep_grid_and_run_names():
         return {"run": run, "concept": "heart", "lr": run, "fixed": "", "group": group, "measure": measure,
                 "edited": edited, "edited_low": 0.01, "edited_high": 0.09, "change_points": change,
                 "change_low": change - 1, "change_high": change + 1, "verdict": verdict, "erase_seconds": 61.0}
+    import json
+    report = tmp_path
+    assert not sweep.report_is_current(report, "heart")
+    (report / "summary.csv").write_text("group\n")
+    heart = REPO_ROOT / "data/tiny-sd/concepts/heart.csv"
+    (report / "models.json").write_text(json.dumps({"prompts": {"sha256": file_sha256(heart)}}))
+    assert sweep.report_is_current(report, "heart") and not sweep.report_is_current(report, "moon")
+    (report / "models.json").write_text(json.dumps({"prompts": {"sha256": "0" * 64}}))  # an older prompt set
+    assert not sweep.report_is_current(report, "heart")
+    earlier = pd.DataFrame([row("1e-3", "x", "efficacy"), row("1e-2", "x", "efficacy")])
+    merged = sweep.merge_rows(earlier, pd.DataFrame([row("1e-3", "y", "efficacy")]))
+    assert list(zip(merged.run, merged.measure)) == [("1e-2", "x"), ("1e-3", "y")]  # kept, and re-measured
     frame = pd.DataFrame([row(lr, m, g) for lr in ("1e-3", "3e-4") for m, g in (
         ("'heart' found, alone", "efficacy"), ("'heart' found, with_others", "efficacy"),
         ("object 'star'", "same attribute"), ("other objects (mean of 7)", "same attribute"),
@@ -372,3 +384,7 @@ def test_sweep_grid_and_run_names():
     assert len(lines) == 4 and lines[0].startswith("| concept | lr | found, alone")
     assert lines[2] == ("| heart | 1e-3 | 5% [1%, 9%] met | 5% [1%, 9%] met | -1.0 [-2.0, +0.0] met | "
                         "color -1.0 [-2.0, +0.0] met; style -1.0 [-2.0, +0.0] met | 61 |")
+    other_sweep = frame[frame.run == "3e-4"].drop(columns="lr").assign(run="it400", iterations="400")
+    other_sweep = other_sweep[["run", "concept", "iterations"] + list(frame.columns[3:])]
+    both = sweep.markdown_table(sweep.merge_rows(frame, other_sweep)).splitlines()
+    assert both[0].startswith("| concept | lr | iterations |") and both[-1].startswith("| heart | default | 400 |")

@@ -32,7 +32,8 @@ def main():
                              "selflayer, esd-x-strict")
     parser.add_argument("--start_guidance", type=float, help="CFG scale sampling x_t (default 3)")
     parser.add_argument("--negative_guidance", type=float,
-                        help="eta in the original's target eps(\"\") - eta (eps(c) - eps(\"\")) (default 1); the "
+                        help="eta in the original's target eps(\"\") - eta (eps(c) - eps(\"\")) (default 1 for SD v1, the "
+                             "model config's esd_defaults); the "
                              "authors' later code writes eps(c) - eta' (eps(c) - eps(\"\")), so its eta' = 2 is eta = 1 here")
     parser.add_argument("--iterations", type=int, help="default 1000 (SD v1), the model config's esd_defaults")
     parser.add_argument("--lr", type=float, help="default 1e-5 (SD v1), the model config's esd_defaults")
@@ -45,7 +46,8 @@ def main():
     parser.add_argument("--prompt_templates", nargs="?", const=str(DEFAULT_PROMPT_TEMPLATES), metavar="FILE",
                         help="train on phrasings of the concept, one template a line with {} (bare flag: "
                              "data/esd-prompt-templates.txt); default: the bare concept, as the paper")
-    parser.add_argument("--erase_from", help="erase the concept only where it appears with this one")
+    parser.add_argument("--erase_from", help="erase the concept only where it appears with this one (x_t drawn with it, "
+                                             "the student conditioned on it); erasure-report.py then reports it")
     parser.add_argument("--sample_from", choices=["esd", "base"],
                         help="who samples x_t: the model being trained (the original; default for SD v1) or the "
                              "frozen one (the authors' later code); default: the model config's esd_defaults")

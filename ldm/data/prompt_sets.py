@@ -2,6 +2,7 @@
 
 Ground-truth columns (object, color, style) hold what the prompt asks for, empty where it says nothing.
 """
+import numpy as np
 import pandas as pd
 
 from ldm.data.concepts import ATTRIBUTES, COLORS, OBJECTS, STYLES, fill_template
@@ -60,6 +61,9 @@ def attribute_of(concept):
     raise ValueError(f"'{concept}' is not a tiny-sd concept; known: {known}")
 
 
+WITHOUT_PROMPTS = 48  # 6 to 10 prompts per value of every attribute in the specificity set
+
+
 def concept_prompts(concept):
     """Prompts for erasure reports on ``concept``, in three sets (column ``set``):
     ``alone`` (the concept by itself), ``with_others`` (with other attributes) and ``without``
@@ -82,11 +86,62 @@ def concept_prompts(concept):
             "object": "a {color} {object}", "color": "a {color} {object}", "style": "a {object} {in_style}"}[attribute]
         entries.append((template, fill["object"], fill["color"], fill["style"], "with_others"))
     others = [v for v in ATTRIBUTES[attribute] if v not in (concept, "none")]
-    for k in range(16):
-        fill = {"object": OBJECTS[(k + 3) % 8], "color": colors[(5 * k + 2) % 8], "style": styles[(k + 2) % len(styles)]}
+    # every value of the other attributes equally often, paired at random (seeded): a value is not measured
+    # on one prompt alone, and no value always comes with the same partner
+    rng = np.random.default_rng(0)
+    spread = {k: rng.permutation(np.resize(values, WITHOUT_PROMPTS))
+              for k, values in (("object", OBJECTS), ("color", colors), ("style", styles))}
+    for k in range(WITHOUT_PROMPTS):
+        fill = {name: str(values[k]) for name, values in spread.items()}
         fill[attribute] = others[k % len(others)]
         entries.append(("a {color} {object} {in_style}", fill["object"], fill["color"], fill["style"], "without"))
     return _rows(entries, seed_base=5000)
+
+
+# A sentence for every combination of named attributes (the "a {color} shape" and "a painting by"
+# phrasings are the alone sets' own, for prompts that name no object).
+_PHRASINGS = {
+    frozenset({"object", "color", "style"}): "a {color} {object} {in_style}",
+    frozenset({"object", "color"}): "a {color} {object}",
+    frozenset({"object", "style"}): "a {object} {in_style}",
+    frozenset({"color", "style"}): "a {color} shape {in_style}",
+    frozenset({"object"}): "a {object}",
+    frozenset({"color"}): "a {color} shape",
+    frozenset({"style"}): "a painting {by_style}",
+}
+ATTRIBUTE_ERASURE_SETS = ("from", "from_named", "elsewhere", "elsewhere_named")
+
+
+def attribute_erasure_prompts(concept, erase_from, per_set=8):
+    """Prompts for reporting ``--prompt concept --erase_from erase_from`` (erase A only where it appears
+    with B, e.g. a style from one object), in four sets of ``per_set`` prompts (column ``set``):
+
+    - ``from``: B without A's attribute named (the model chooses it, as "cowboy" chooses a hat);
+    - ``from_named``: B with A named;
+    - ``elsewhere``: other values of B's attribute, A's attribute not named;
+    - ``elsewhere_named``: other values of B's attribute with A named.
+
+    The third attribute is named in every other prompt, its values rotating.
+    """
+    a_attribute, b_attribute = attribute_of(concept), attribute_of(erase_from)
+    if a_attribute == b_attribute:
+        raise ValueError(f"'{concept}' and '{erase_from}' are both {a_attribute} values; attribute erasure "
+                         "removes a concept from a concept of another attribute")
+    third = next(k for k in ATTRIBUTES if k not in (a_attribute, b_attribute))
+    third_values = [v for v in ATTRIBUTES[third] if v != "none"]
+    b_others = [v for v in ATTRIBUTES[b_attribute] if v not in (erase_from, "none")]
+    defaults = {"object": OBJECTS[0], "color": tuple(COLORS)[0], "style": "none"}
+    entries = []
+    for set_index, name in enumerate(ATTRIBUTE_ERASURE_SETS):
+        for k in range(per_set):
+            fill = dict(defaults, **{third: third_values[(3 * (k // 2) + 2 * set_index) % len(third_values)]})
+            fill[b_attribute] = erase_from if name.startswith("from") else b_others[k % len(b_others)]
+            named = {b_attribute} | ({third} if k % 2 else set())
+            if name.endswith("named"):
+                fill[a_attribute] = concept
+                named.add(a_attribute)
+            entries.append((_PHRASINGS[frozenset(named)], fill["object"], fill["color"], fill["style"], name))
+    return _rows(entries, seed_base=7000)
 
 
 def all_concepts():

@@ -36,7 +36,7 @@ def per_concept_accuracy(results, prompts):
         columns={"truth": "concept", "correct": "accuracy"})
 
 
-BARS = {"efficacy": 0.10, "same attribute": 5.0, "other attributes": 3.0}  # found <= 10%; drops in points
+BARS = {"efficacy": 0.10, "same attribute": 5.0, "kept elsewhere": 5.0, "other attributes": 3.0}  # found <= 10%; drops in points
 
 
 def paired_table(base_results, edited_results, prompts):
@@ -95,6 +95,28 @@ def _estimate(rows, mean_over_truth, samples, rng):
     return base, edited, np.nanpercentile(change, [2.5, 97.5]) * 100
 
 
+def _summary_row(group, measure, subset, bootstrap, rng, mean_over_truth=False):
+    """One report row: image count, base and edited accuracy with Wilson 95% intervals, the change in
+    points with its bootstrap 95% interval."""
+    base, edited, (low, high) = _estimate(subset, mean_over_truth, bootstrap, rng)
+    n = len(subset)
+    base_ci = wilson_interval(int(subset["correct_base"].sum()), n)
+    edited_ci = wilson_interval(int(subset["correct_edited"].sum()), n)
+    return {"group": group, "measure": measure, "prompts": subset["case_number"].nunique(), "images": n,
+            "base": base, "base_low": base_ci[0], "base_high": base_ci[1],
+            "edited": edited, "edited_low": edited_ci[0], "edited_high": edited_ci[1],
+            "change_points": (edited - base) * 100, "change_low": low, "change_high": high}
+
+
+def _summary(specs, bootstrap, seed):
+    """Rows for (group, measure, subset, mean_over_truth) specs, empty subsets skipped, with verdicts."""
+    rng = np.random.default_rng(seed)
+    summary = pd.DataFrame([_summary_row(group, measure, subset, bootstrap, rng, mean_over_truth)
+                            for group, measure, subset, mean_over_truth in specs if not subset.empty])
+    summary["verdict"] = [verdict(row) for row in summary.itertuples(index=False)]
+    return summary
+
+
 def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=1000, seed=0):
     """The report's rows, each with its image count, base and edited accuracy (Wilson 95% intervals), the
     change in points (95% interval by bootstrapping prompts) and a verdict against its bar.
@@ -106,41 +128,61 @@ def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=10
     """
     attribute = attribute_of(concept)
     table = paired_table(base_results, edited_results, prompts)
-    rng = np.random.default_rng(seed)
-    rows = []
-
-    def add(group, measure, subset, mean_over_truth=False):
-        if subset.empty:
-            return
-        base, edited, (low, high) = _estimate(subset, mean_over_truth, bootstrap, rng)
-        n = len(subset)
-        base_ci = wilson_interval(int(subset["correct_base"].sum()), n)
-        edited_ci = wilson_interval(int(subset["correct_edited"].sum()), n)
-        rows.append({"group": group, "measure": measure, "prompts": subset["case_number"].nunique(), "images": n,
-                     "base": base, "base_low": base_ci[0], "base_high": base_ci[1],
-                     "edited": edited, "edited_low": edited_ci[0], "edited_high": edited_ci[1],
-                     "change_points": (edited - base) * 100, "change_low": low, "change_high": high})
-
+    specs = []
     named = table[(table.attribute == attribute) & (table.truth == concept)]
     if "set" in prompts:
         for name in ("alone", "with_others"):
-            add("efficacy", f"'{concept}' found, {name}", named[named.set == name])
-        add("efficacy", f"'{concept}' found, combined", named[named.set.isin(["alone", "with_others"])])
+            specs.append(("efficacy", f"'{concept}' found, {name}", named[named.set == name], False))
+        specs.append(("efficacy", f"'{concept}' found, combined", named[named.set.isin(["alone", "with_others"])],
+                      False))
     else:  # a prompt file without sets: every prompt that names the concept
-        add("efficacy", f"'{concept}' found, prompts naming it", named)
+        specs.append(("efficacy", f"'{concept}' found, prompts naming it", named, False))
 
     without = table[table.set == "without"] if "set" in prompts else table[~table.case_number.isin(named.case_number)]
     same = without[(without.attribute == attribute) & (without.truth != concept)]
     for value in sorted(same.truth.unique(), key=ATTRIBUTES[attribute].index):
-        add("same attribute", f"{attribute} '{value}'", same[same.truth == value])
-    add("same attribute", f"other {attribute}s (mean of {same.truth.nunique()})", same, mean_over_truth=True)
+        specs.append(("same attribute", f"{attribute} '{value}'", same[same.truth == value], False))
+    specs.append(("same attribute", f"other {attribute}s (mean of {same.truth.nunique()})", same, True))
     for head in HEADS:
         if head != attribute:
-            add("other attributes", f"{head} (mean over values)", without[without.attribute == head],
-                mean_over_truth=True)
-    summary = pd.DataFrame(rows)
-    summary["verdict"] = [verdict(row) for row in summary.itertuples(index=False)]
-    return summary
+            specs.append(("other attributes", f"{head} (mean over values)", without[without.attribute == head], True))
+    return _summary(specs, bootstrap, seed)
+
+
+def found_table(base_results, edited_results, prompts, concept):
+    """Per image: whether each model drew ``concept`` (``correct_base``/``correct_edited`` mean "found"),
+    whatever the prompt names; images paired by case and sample, with the prompt's set."""
+    head = f"pred_{attribute_of(concept)}"
+    table = base_results[["case_number", "sample", head]].merge(
+        edited_results[["case_number", "sample", head]], on=["case_number", "sample"], suffixes=("_base", "_edited"))
+    table["truth"] = concept
+    for role in ("base", "edited"):
+        table[f"correct_{role}"] = (table[f"{head}_{role}"] == concept).astype(float)
+    table["set"] = table["case_number"].map(prompts.set_index("case_number")["set"])
+    return table
+
+
+def attribute_erasure_summary(concept, erase_from, base_results, edited_results, prompts, bootstrap=1000, seed=0):
+    """The report of ``--prompt concept --erase_from erase_from`` on ``attribute_erasure_prompts`` sets:
+
+    - efficacy: how often ``concept`` is drawn on prompts with ``erase_from`` (set ``from``: its attribute
+      not named, the model picks it; ``from_named``: named);
+    - kept elsewhere: how often it is drawn with the other values of ``erase_from``'s attribute
+      (``elsewhere``, ``elsewhere_named``): a drop there is collateral;
+    - other attributes: ``erase_from`` itself on its prompts, and the third attribute where named.
+    """
+    found = found_table(base_results, edited_results, prompts, concept)
+    table = paired_table(base_results, edited_results, prompts)
+    b_attribute = attribute_of(erase_from)
+    on_b = table[table.set.isin(["from", "from_named"]) & (table.attribute == b_attribute)]
+    third = next(k for k in HEADS if k not in (attribute_of(concept), b_attribute))
+    specs = [("efficacy", f"'{concept}' found, {name}", found[found.set == name], False)
+             for name in ("from", "from_named")]
+    specs += [("kept elsewhere", f"'{concept}' found, {name}", found[found.set == name], False)
+              for name in ("elsewhere", "elsewhere_named")]
+    specs.append(("other attributes", f"{b_attribute} '{erase_from}' on its prompts", on_b, False))
+    specs.append(("other attributes", f"{third} (mean over values)", table[table.attribute == third], True))
+    return _summary(specs, bootstrap, seed)
 
 
 def verdict(row):
@@ -156,18 +198,17 @@ def verdict(row):
 
 
 def comparison_rows(prompts, per_set=3):
-    """Case numbers for the side-by-side grid: a few prompts of each set (alone, with_others, without),
-    or the first few of a prompt file without sets."""
+    """Case numbers for the side-by-side grid: a few prompts of each set, in the file's order (alone,
+    with_others, without), or the first few of a prompt file without sets."""
     if "set" not in prompts:
         return [int(c) for c in prompts["case_number"].head(3 * per_set)]
-    return [int(c) for s in ("alone", "with_others", "without")
+    return [int(c) for s in prompts["set"].unique()
             for c in prompts.loc[prompts["set"] == s, "case_number"].head(per_set)]
 
 
 def format_summary(table):
     """The summary as a Markdown table (percentages with 95% intervals), as the README shows it."""
-    bars = {"efficacy": f"found <= {BARS['efficacy']:.0%}", "same attribute": f"drop <= {BARS['same attribute']:g}",
-            "other attributes": f"drop <= {BARS['other attributes']:g}"}
+    bars = {group: f"found <= {bar:.0%}" if group == "efficacy" else f"drop <= {bar:g}" for group, bar in BARS.items()}
     lines = ["| measure | prompts | images | base | edited | change (points) | bar | verdict |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for row in table.itertuples(index=False):
