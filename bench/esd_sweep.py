@@ -75,6 +75,13 @@ def merge_rows(kept, new):
     return merged[flags + [c for c in merged.columns if c not in flags]]
 
 
+def _flag_text(value):
+    """A flag's value as given: 'default' where the run's sweep did not set it (merged files), 50 not 50.0."""
+    if pd.isna(value):
+        return "default"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def markdown_table(frame):
     """One Markdown line per run of a sweep CSV: its flags, efficacy per set, the mean change of the
     attribute's other values and of each other attribute (points, 95% interval), each with its verdict,
@@ -99,7 +106,7 @@ def markdown_table(frame):
                 if r.group == "same attribute" and r.measure.startswith("other ")]
         other = [f"{r.measure.split()[0]} {cell(r, 'change')}" for r in rows.itertuples(index=False)
                  if r.group == "other attributes"]
-        flags = ["default" if pd.isna(rows.iloc[0][c]) else str(rows.iloc[0][c]) for c in flag_columns]  # not in that sweep
+        flags = [_flag_text(rows.iloc[0][c]) for c in flag_columns]
         lines.append("| " + " | ".join([concept, *flags, *found, "; ".join(same), "; ".join(other),
                                         f"{rows.iloc[0].erase_seconds:.0f}"]) + " |")
     return "\n".join(lines)
