@@ -9,12 +9,12 @@ to all; with --design one_at_a_time, the first value of every flag, then each ot
 alone) is trained with train-esd.py and measured with erasure-report.py, both run as the user runs
 them. Runs are named by concept, a digest of their flags and the base model's identity (the SHA-256 of
 its checkpoint and config, whose esd_defaults set every flag not given), so a killed sweep resumes where
-it stopped (a finished erase is not redone; its report is made again only when the concept's prompt set
-changed) and a retrained base model or changed defaults
-are never reported from an old sweep's runs. Writes --out (default outputs/esd-sweep.csv): one row per
-run and report row, with the run's flags, the erase's wall-clock seconds and every report figure with its
-interval and verdict; rows of other runs already in the file are kept, so several sweeps can share it. ``--table CSV [CSV ...]`` prints such files as the README's
-Markdown table (one line per run) and runs nothing.
+it stopped (a finished erase is not redone; its report is made again only when its prompt file changed)
+and a retrained base model or changed defaults are never reported from an old sweep's runs. Writes --out
+(default outputs/esd-sweep.csv): one row per run and report row, with the run's flags, the erase's
+wall-clock seconds and every report figure with its interval and verdict; rows of other runs already in
+the file are kept, so several sweeps can share it. ``--table CSV [CSV ...]`` prints such files as the
+README's Markdown table (one line per run) and runs nothing.
 """
 import hashlib
 import itertools
@@ -30,7 +30,6 @@ import pandas as pd
 from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, new_parser, run
 from ldm.loading import compvis_identity
 from ldm.paths import MODELS_DIR, REPO_ROOT
-from ldm.data.prompt_sets import concept_filename
 from ldm.util import UsageError, atomic_to_csv, file_sha256
 
 
@@ -112,17 +111,14 @@ def markdown_table(frame):
     return "\n".join(lines)
 
 
-def report_is_current(report_dir, concept, report_flags=""):
-    """Whether ``report_dir`` holds a report on the concept's prompt set as it is now (a changed prompt file
-    means the report is made again; the erase is kept)."""
-    flags = shlex.split(report_flags)
-    prompts = (flags[flags.index("--prompts_path") + 1] if "--prompts_path" in flags
-               else REPO_ROOT / "data/tiny-sd/concepts" / concept_filename(concept))
+def report_is_current(report_dir):
+    """Whether ``report_dir`` holds a report whose prompt file is still as it was when the report was made
+    (a changed prompt set means the report is made again; the erase is kept)."""
     try:
-        recorded = json.loads((report_dir / "models.json").read_text())["prompts"]["sha256"]
+        prompts = json.loads((report_dir / "models.json").read_text())["prompts"]
+        return (report_dir / "summary.csv").is_file() and file_sha256(prompts["path"]) == prompts["sha256"]
     except (OSError, KeyError, ValueError):
         return False
-    return (report_dir / "summary.csv").is_file() and recorded == file_sha256(prompts)
 
 
 def _script(path, *args):
@@ -172,7 +168,7 @@ def main():
                 start = time.perf_counter()
                 _script("train-scripts/train-esd.py", *train)
                 seconds_file.write_text(f"{time.perf_counter() - start:.1f}\n")
-            if not report_is_current(report_dir, concept, args.report_flags):
+            if not report_is_current(report_dir):
                 _script("eval-scripts/erasure-report.py", "--model_name", name, *shlex.split(args.report_flags))
             summary = pd.read_csv(report_dir / "summary.csv")
             summary.insert(0, "run", name)

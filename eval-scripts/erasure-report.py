@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from ldm.cli import new_parser, parse_device, run
-from ldm.data.prompt_sets import attribute_erasure_prompts, attribute_of, concept_filename
+from ldm.data.prompt_sets import all_concepts, attribute_erasure_prompts, concept_filename
 from ldm.erasure.report import (attribute_erasure_summary, comparison_rows, erasure_summary, format_summary,
-                                known_concepts, per_concept_accuracy, stack_pairs)
+                                per_concept_accuracy, stack_pairs)
 from ldm.evaluation import classify_folder, read_images
 from ldm.evaluator import check_autoencoder, load_evaluator
 from ldm.metrics import evaluator_fid
@@ -76,17 +76,19 @@ def main():
     concept = args.concept or run_args.get("prompt")
     erase_from = args.erase_from or (run_args.get("erase_from") if concept == run_args.get("prompt") else None)
     for name in (concept, erase_from):
-        if name is not None and name not in known_concepts():
+        if name is not None and name not in all_concepts():
             raise UsageError(f"'{name}' is not a tiny-sd concept; pass --concept (and --erase_from), each one of: "
-                             f"{', '.join(known_concepts())}")
-    if erase_from is not None and attribute_of(erase_from) == attribute_of(concept):
-        raise UsageError(f"--erase_from '{erase_from}' is a {attribute_of(concept)} like '{concept}'; attribute "
-                         "erasure removes a concept from a concept of another attribute")
+                             f"{', '.join(all_concepts())}")
     save_path = Path(args.save_path)
+    if erase_from is not None:
+        try:
+            attribute_prompts = attribute_erasure_prompts(concept, erase_from)
+        except ValueError as error:  # the two concepts are values of one attribute
+            raise UsageError(f"--erase_from: {error}") from None
     if args.prompts_path is None and erase_from is not None:
         args.prompts_path = save_path / "prompts" / concept_filename(f"{concept} from {erase_from}")
         args.prompts_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_to_csv(attribute_erasure_prompts(concept, erase_from), args.prompts_path)
+        atomic_to_csv(attribute_prompts, args.prompts_path)
     args.prompts_path = args.prompts_path or REPO_ROOT / "data/tiny-sd/concepts" / concept_filename(concept)
     prompts = read_prompts(args.prompts_path)
     device = parse_device(args.device)

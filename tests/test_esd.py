@@ -366,13 +366,14 @@ def test_sweep_grid_and_run_names(tmp_path):
                 "change_low": change - 1, "change_high": change + 1, "verdict": verdict, "erase_seconds": 61.0}
     import json
     report = tmp_path
-    assert not sweep.report_is_current(report, "heart")
+    assert not sweep.report_is_current(report)
     (report / "summary.csv").write_text("group\n")
-    heart = REPO_ROOT / "data/tiny-sd/concepts/heart.csv"
-    (report / "models.json").write_text(json.dumps({"prompts": {"sha256": file_sha256(heart)}}))
-    assert sweep.report_is_current(report, "heart") and not sweep.report_is_current(report, "moon")
-    (report / "models.json").write_text(json.dumps({"prompts": {"sha256": "0" * 64}}))  # an older prompt set
-    assert not sweep.report_is_current(report, "heart")
+    prompts = report / "prompts.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed\n0,a heart,1\n")
+    (report / "models.json").write_text(json.dumps({"prompts": {"path": str(prompts), "sha256": file_sha256(prompts)}}))
+    assert sweep.report_is_current(report)
+    prompts.write_text("case_number,prompt,evaluation_seed\n0,a moon,1\n")  # the prompt set changed since
+    assert not sweep.report_is_current(report)
     earlier = pd.DataFrame([row("1e-3", "x", "efficacy"), row("1e-2", "x", "efficacy")])
     merged = sweep.merge_rows(earlier, pd.DataFrame([row("1e-3", "y", "efficacy")]))
     assert list(zip(merged.run, merged.measure)) == [("1e-2", "x"), ("1e-3", "y")]  # kept, and re-measured

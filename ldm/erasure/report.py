@@ -220,11 +220,6 @@ def format_summary(table):
     return "\n".join(lines)
 
 
-def known_concepts():
-    """Every tiny-sd concept a report can be made for."""
-    return [v for values in ATTRIBUTES.values() for v in values if v != "none"]
-
-
 def stack_pairs(base_images, edited_images):
     """(rows, 2, H, W, 3) from two equally long lists of images."""
     return np.stack([np.stack([b, e]) for b, e in zip(base_images, edited_images)])
