@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from ldm.benchmark import peak_memory
 from ldm.cli import new_parser, parse_device, run
 from ldm.erasure.esd import ESDSettings, ESDTrainer, ddpm_timestep_interval, select_parameters
+from ldm.generate import latent_shape, pixel_size
 from ldm.loading import load_model
 from ldm.models.diffusion.ddim import ddim_sample
 from ldm.paths import REPO_ROOT
@@ -39,8 +40,7 @@ class NaiveESD:
         trained = [params[n].requires_grad_(True) for n in select_parameters(unet, settings.train_method)]
         self.optimizer = torch.optim.Adam(trained, lr=settings.lr)
         self.generator = torch.Generator().manual_seed(settings.seed)
-        factor = 2 ** model.num_downs
-        self.shape = (model.channels, settings.image_size // factor, settings.image_size // factor)
+        self.shape = latent_shape(model, settings.image_size)
         self.iteration = 0
 
     def step(self):
@@ -87,7 +87,7 @@ def main():
     args = parser.parse_args()
     device = parse_device(args.device)
     base = build_model(args, device)
-    image_size = base.image_size * 2 ** base.num_downs
+    image_size = pixel_size(base)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in state.values())  # the one model both start from
     prompt = "circle" if args.size == "tiny-sd" else "Van Gogh"

@@ -12,7 +12,7 @@ import torch
 from ldm.cli import new_parser, parse_device, run
 from ldm.metrics import CLIP_SCORE_MODEL, clip_score
 from ldm.prompts import read_prompts
-from ldm.util import atomic_path
+from ldm.util import atomic_write_text
 
 
 def main():
@@ -29,8 +29,8 @@ def main():
                        args.batch_size, parse_device(args.device))
     print(f"CLIP score {score:.2f} (0-100 scale, {args.clip_model}) over {args.folder}")
     if args.save_path:
-        with atomic_path(args.save_path) as tmp:
-            tmp.write_text(json.dumps({"clip_score": score, "clip_model": args.clip_model, "folder": args.folder}))
+        atomic_write_text(args.save_path, json.dumps({"clip_score": score, "clip_model": args.clip_model,
+                                                      "folder": args.folder}))
 
 
 if __name__ == "__main__":

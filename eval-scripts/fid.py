@@ -16,7 +16,7 @@ from ldm.cli import new_parser, parse_device, run
 from ldm.evaluator import load_evaluator
 from ldm.metrics import INCEPTION_WEIGHTS, evaluator_fid, frechet_distance, inception_fid_metric
 from ldm.paths import MODELS_DIR
-from ldm.util import atomic_path
+from ldm.util import atomic_write_text
 
 
 def main():
@@ -44,8 +44,7 @@ def main():
     if args.save_path:
         record = {"fid": distance, "features": args.features, "real_folder": args.real_folder,
                   "fake_folder": args.fake_folder, "real_images": real, "fake_images": fake}
-        with atomic_path(args.save_path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+        atomic_write_text(args.save_path, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

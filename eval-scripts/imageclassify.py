@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ldm.cli import new_parser, parse_device, run
-from ldm.evaluation import attribute_accuracy, classify_folder, list_images, seed_diversity
+from ldm.evaluation import accuracy_by_attribute, classify_folder, correct_table, list_images, seed_diversity
 from ldm.evaluator import load_evaluator
 from ldm.imagenet import classify_folder_imagenet
 from ldm.paths import MODELS_DIR
@@ -47,8 +47,9 @@ def main():
     unreadable = int(results["error"].notna().sum()) if "error" in results else 0
     print(f"{len(results)} images classified ({unreadable} unreadable); predictions in {save_path}")
     if args.classifier == "tiny-sd" and prompts is not None:
-        accuracy = attribute_accuracy(results, prompts)
-        if len(accuracy):
+        named = correct_table(results, prompts)  # per attribute: images whose prompt names it, share correct
+        if len(named):
+            accuracy = accuracy_by_attribute(named)
             percent = "{:.1%}".format
             print(accuracy.to_string(index=False, formatters={"accuracy": percent, "ci95_low": percent,
                                                               "ci95_high": percent}))

@@ -64,9 +64,11 @@ def classify_folder(model, folder, batch_size=256, topk=1):
     return table.merge(pd.DataFrame(results), on="image", how="left")
 
 
-def attribute_accuracy(results, prompts):
-    """Per attribute, the share of images whose prediction equals the prompt's ground truth, over
-    the images whose prompt names that attribute. ``prompts`` needs object/color/style columns."""
+def correct_table(results, prompts):
+    """One row per (image, attribute named by its prompt): ``case_number``, ``sample``, ``attribute``, the
+    prompt's ``truth`` and whether the prediction agreed (``correct``, 0.0 or 1.0). ``prompts`` gives the
+    truth in object/color/style columns; attributes it has no column for are left out, as are images
+    without a prediction (unreadable)."""
     truth = prompts.set_index("case_number")
     rows = []
     for head in HEADS:
@@ -74,12 +76,22 @@ def attribute_accuracy(results, prompts):
             continue
         expected = results["case_number"].map(truth[head].fillna("").astype(str))
         named = (expected != "") & results[f"pred_{head}"].notna()
-        if named.any():
-            correct = int((results.loc[named, f"pred_{head}"] == expected[named]).sum())
-            low, high = wilson_interval(correct, int(named.sum()))
-            rows.append({"attribute": head, "images": int(named.sum()), "correct": correct,
-                         "accuracy": correct / int(named.sum()), "ci95_low": low, "ci95_high": high})
-    return pd.DataFrame(rows, columns=["attribute", "images", "correct", "accuracy", "ci95_low", "ci95_high"])
+        part = results.loc[named, ["case_number", "sample"]].copy()
+        part["attribute"], part["truth"] = head, expected[named]
+        part["correct"] = (results.loc[named, f"pred_{head}"] == expected[named]).astype(float)
+        rows.append(part)
+    if not rows:
+        return pd.DataFrame(columns=["case_number", "sample", "attribute", "truth", "correct"])
+    return pd.concat(rows, ignore_index=True)
+
+
+def accuracy_by_attribute(correct):
+    """Per attribute of a ``correct_table``: images, correct, accuracy and its 95% Wilson interval."""
+    table = correct.groupby("attribute", sort=False)["correct"].agg(images="size", correct="sum").reset_index()
+    table["correct"] = table["correct"].astype(int)
+    table["accuracy"] = table["correct"] / table["images"]
+    table[["ci95_low", "ci95_high"]] = [wilson_interval(int(c), int(n)) for c, n in zip(table["correct"], table["images"])]
+    return table
 
 
 def wilson_interval(successes, trials, z=1.96):

@@ -17,10 +17,20 @@ def sample_noise(seed, num_samples, shape):
 
 
 def latent_shape(model, image_size=None):
-    """(C, h, w) of the latents for ``image_size`` pixels (default: the model's own size)."""
-    factor = 2 ** model.num_downs
-    side = model.image_size if image_size is None else image_size // factor
-    return (model.channels, side, side)
+    """(C, h, w) of the latents for ``image_size`` pixels (default: the model's own size), for a CompVis
+    LatentDiffusion model or a diffusers StableDiffusionPipeline."""
+    if hasattr(model, "vae_scale_factor"):  # a diffusers pipeline
+        channels, side, factor = model.unet.config.in_channels, model.unet.config.sample_size, model.vae_scale_factor
+    else:
+        channels, side, factor = model.channels, model.image_size, 2 ** model.num_downs
+    if image_size is not None:
+        side = image_size // factor
+    return (channels, side, side)
+
+
+def pixel_size(model):
+    """The side in pixels of the images a CompVis LatentDiffusion model draws."""
+    return model.image_size * 2 ** model.num_downs
 
 
 def to_uint8(images):

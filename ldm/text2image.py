@@ -68,9 +68,7 @@ class DiffusersModel:
         self.pipe.set_progress_bar_config(disable=True)
 
     def latent_shape(self, image_size):
-        factor = self.pipe.vae_scale_factor
-        side = (image_size or self.pipe.unet.config.sample_size * factor) // factor
-        return (self.pipe.unet.config.in_channels, side, side)
+        return latent_shape(self.pipe, image_size)
 
     def __call__(self, prompts, x_T, guidance_scale, ddim_steps):
         side = x_T.shape[-1] * self.pipe.vae_scale_factor

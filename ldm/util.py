@@ -16,13 +16,10 @@ class UsageError(Exception):
     """A problem the user can fix (bad file, flag or config); scripts print it as one line."""
 
 
-def get_obj_from_str(string, reload=False):
+def get_obj_from_str(string):
     """Import ``package.module.Name`` and return ``Name``."""
     module, cls = string.rsplit(".", 1)
-    mod = importlib.import_module(module)
-    if reload:
-        mod = importlib.reload(mod)
-    return getattr(mod, cls)
+    return getattr(importlib.import_module(module), cls)
 
 
 def instantiate_from_config(config):

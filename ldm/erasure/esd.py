@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
-from ldm.models.diffusion.ddim import ddim_sample, make_ddim_timesteps
+from ldm.erasure.trainer import Denoiser, OverlayTrainer, select_unet_parameters
+from ldm.generate import latent_shape
+from ldm.models.diffusion.ddim import ddim_sample
 from ldm.paths import REPO_ROOT
 from ldm.util import UsageError
 
@@ -79,12 +80,8 @@ def canonical_method(train_method):
 
 def select_parameters(unet, train_method):
     """Names (relative to the UNet) of the parameters ``train_method`` trains; none is an error."""
-    rule = TRAIN_METHODS[canonical_method(train_method)]
-    names = [name for name, _ in unet.named_parameters() if rule(name)]
-    if not names:
-        raise UsageError(f"train method '{train_method}' selects no parameters of this UNet "
-                         "(its blocks are named differently); choose another --train_method")
-    return names
+    return select_unet_parameters(unet, TRAIN_METHODS[canonical_method(train_method)],
+                                  f"train method '{train_method}'", hint="choose another --train_method")
 
 
 def concept_words(prompt, seperator=None):
@@ -129,51 +126,6 @@ def esd_target(e_anchor, e_uncond, e_concept, negative_guidance):
     concept B for attribute erasure.
     """
     return e_anchor - negative_guidance * (e_concept - e_uncond)
-
-
-class Teacher:
-    """The frozen model: ``unet`` evaluated with the original values of its trained parameters.
-
-    With ``device`` None, nothing but those values is copied. With a ``device`` (``--devices 0,1``;
-    ``cpu,cpu`` too) the teacher is a frozen copy of the whole UNet there, as the original two-GPU setup.
-    """
-
-    def __init__(self, unet, trained_names, device=None):
-        self.unet = unet
-        params = dict(unet.named_parameters())
-        self.device = torch.device(device) if device is not None else params[trained_names[0]].device
-        if device is None:
-            self.original = {n: params[n].detach().clone() for n in trained_names}
-            self.copy = None
-        else:
-            import copy
-            self.copy = copy.deepcopy(unet).to(self.device).requires_grad_(False).eval()
-            self.original = {}
-
-    def original_values(self, names):
-        """The frozen values of the parameters ``names``."""
-        if self.copy is None:
-            return {n: self.original[n] for n in names}
-        params = dict(self.copy.named_parameters())
-        return {n: params[n].detach() for n in names}
-
-    @torch.no_grad()
-    def __call__(self, x, t, context):
-        home = x.device
-        if self.copy is not None:
-            return self.copy(x.to(self.device), t.to(self.device), context=context.to(self.device)).to(home)
-        return functional_call(self.unet, self.original, (x, t), {"context": context}, strict=False)
-
-
-class Denoiser:
-    """What ``ddim_sample`` needs (``apply_model``, ``num_timesteps``, ``alphas_cumprod``) over a UNet call."""
-
-    def __init__(self, model, unet_call):
-        self.model, self.unet_call = model, unet_call
-        self.num_timesteps, self.alphas_cumprod = model.num_timesteps, model.alphas_cumprod
-
-    def apply_model(self, x, t, cond):
-        return self.unet_call(x, t, cond)
 
 
 @dataclass
@@ -246,11 +198,7 @@ def read_prompt_templates(path):
     return check_prompt_templates([line for line in lines if line and not line.startswith("#")], source=str(path))
 
 
-class NonFiniteLoss(UsageError):
-    """The loss became NaN or infinite; the weights before that iteration are kept."""
-
-
-class ESDTrainer:
+class ESDTrainer(OverlayTrainer):
     """ESD's training loop over a ``LatentDiffusion`` model, one training target per iteration.
 
     ``step()`` runs one iteration; ``state_dict()``/``load_state_dict()`` hold everything a resumed
@@ -259,21 +207,9 @@ class ESDTrainer:
     """
 
     def __init__(self, model, settings, device="cpu", teacher_device=None, autocast_dtype=None):
-        self.model, self.settings = model, settings.check()
-        self.unet = model.model.diffusion_model
-        self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype
-        self.trained_names = select_parameters(self.unet, settings.train_method)
-        self.unet.requires_grad_(False)
-        params = dict(self.unet.named_parameters())
-        self.trained = [params[n].requires_grad_(True) for n in self.trained_names]
-        self.teacher = Teacher(self.unet, self.trained_names, device=teacher_device)
-        self.optimizer = torch.optim.Adam(self.trained, lr=settings.lr)
-        # fp16 autocast needs loss scaling; the weights and Adam's state stay fp32 either way
-        use_scaler = autocast_dtype == torch.float16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
-        self.generator = torch.Generator().manual_seed(settings.seed)
-        self.iteration, self.losses = 0, []
+        self.settings = settings.check()
+        super().__init__(model, select_parameters(model.model.diffusion_model, settings.train_method), settings.lr,
+                         settings.seed, device, teacher_device, autocast_dtype)
         self._pending = []  # reused-trajectory targets not yet trained on
         with torch.no_grad():
             phrasings = settings.phrasings()
@@ -282,24 +218,7 @@ class ESDTrainer:
         self.uncond = embeddings[:1]
         self.concepts = embeddings[1:1 + len(phrasings)]  # one per word and phrasing
         self.anchor = embeddings[-1:] if settings.erase_from else None
-        factor = 2 ** model.num_downs
-        self.latent_shape = (model.channels, settings.image_size // factor, settings.image_size // factor)
-        self.timesteps = make_ddim_timesteps(settings.ddim_steps, model.num_timesteps)
-
-    def _autocast(self):
-        enabled = self.autocast_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
-
-    def _student(self, x, t, context):
-        with self._autocast():
-            return self.unet(x, t, context=context).float()
-
-    def _teacher(self, x, t, context):
-        with self._autocast():
-            return self.teacher(x, t, context).float()
-
-    def _randint(self, high, low=0):
-        return int(torch.randint(low, high, (1,), generator=self.generator))
+        self.latent_shape = latent_shape(model, settings.image_size)
 
     def _targets(self):
         """``(x_t, t, context for the student, target)`` for the next iteration."""
@@ -309,20 +228,20 @@ class ESDTrainer:
                 self._pending = self._trajectory_targets()
             return self._pending.pop(0)
         concept, sample_with, x_T = self._draw_concept_and_noise()
-        t_enc = self._randint(s.ddim_steps)  # DDIM step, 0 = least noisy
+        t_enc = self.randint(s.ddim_steps)  # DDIM step, 0 = least noisy
         lo, hi = ddpm_timestep_interval(t_enc, s.ddim_steps, self.model.num_timesteps)
-        t = torch.tensor([self._randint(hi, lo)], device=self.device)
-        sampler = self._teacher if s.sample_from == "base" else self._student
+        t = torch.tensor([self.randint(hi, lo)], device=self.device)
+        sampler = self.frozen if s.sample_from == "base" else self.student
         with torch.no_grad():
             # run the steps above t_enc, so that x_t sits at DDIM step t_enc's timestep, inside [lo, hi)
             x_t, _ = ddim_sample(Denoiser(self.model, sampler), x_T, sample_with, self.uncond, s.start_guidance,
                                  num_steps=s.ddim_steps, till_T=steps_to_reach(t_enc, s.ddim_steps))
             contexts = [self.uncond, concept] + ([self.anchor] if self.anchor is not None else [])
-            e = self._teacher(x_t.expand(len(contexts), -1, -1, -1), t.expand(len(contexts)), torch.cat(contexts))
+            e = self.frozen(x_t.expand(len(contexts), -1, -1, -1), t.expand(len(contexts)), torch.cat(contexts))
         return self._target(x_t, t, concept, e_uncond=e[0:1], e_concept=e[1:2], e_anchor=e[2:3])
 
     def _draw_concept_and_noise(self):
-        phrasing = self._randint(len(self.concepts))
+        phrasing = self.randint(len(self.concepts))
         concept = self.concepts[phrasing:phrasing + 1]
         sample_with = self.anchor if self.anchor is not None else concept  # erase_from: x_t shows B
         x_T = torch.randn((1, *self.latent_shape), generator=self.generator).to(self.device)
@@ -349,9 +268,9 @@ class ESDTrainer:
         visited = []
 
         def recording_teacher(x, t, context):
-            e = self._teacher(x, t, context)
+            e = self.frozen(x, t, context)
             if x.shape[0] == 1:  # guidance 1: the sampler skipped the unconditional half
-                visited.append((x, t, self._teacher(x, t, self.uncond), e))
+                visited.append((x, t, self.frozen(x, t, self.uncond), e))
             else:
                 visited.append((x[:1], t[:1], *e.chunk(2)))
             return e
@@ -364,60 +283,16 @@ class ESDTrainer:
             if self.anchor is None:
                 targets.append(self._target(x_t, t, concept, e_uncond, e_cond, None))
             else:
-                targets.append(self._target(x_t, t, concept, e_uncond, self._teacher(x_t, t, concept), e_cond))
+                targets.append(self._target(x_t, t, concept, e_uncond, self.frozen(x_t, t, concept), e_cond))
         return targets
 
-    def step(self):
-        """One ESD iteration; returns its loss. A non-finite loss raises before any weight changes."""
+    def loss(self):
+        """ESD's loss: the student's prediction against the negatively guided target."""
         x_t, t, context, target = self._targets()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = F.mse_loss(self._student(x_t, t, context), target)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; the weights from before "
-                                "it are kept; lower --lr or check the model's weights")
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.iteration += 1
-        self.losses.append(loss.item())
-        return self.losses[-1]
+        return F.mse_loss(self.student(x_t, t, context), target)
 
-    def trained_state(self):
-        """The trained parameters as a state dict with CompVis keys (``model.diffusion_model.*``)."""
-        return {f"model.diffusion_model.{n}": p.detach().cpu().contiguous()
-                for n, p in zip(self.trained_names, self.trained)}
+    def extra_state(self):
+        return {"pending": [tuple(v.cpu() for v in p) for p in self._pending]}
 
-    def state_dict(self):
-        """Everything a resumed run needs; only tensors and plain Python values (loads with weights_only)."""
-        return {"trained": self.trained_state(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "iteration": self.iteration, "losses": list(self.losses),
-                "pending": [tuple(v.cpu() for v in p) for p in self._pending],
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "settings": self.settings.as_dict()}
-
-    def load_state_dict(self, state):
-        """Continue from ``state`` (see :meth:`state_dict`); settings must match."""
-        if state["settings"] != self.settings.as_dict():
-            changed = sorted(k for k in state["settings"] if state["settings"][k] != self.settings.as_dict().get(k))
-            raise UsageError(f"cannot resume: the checkpoint was made with other settings ({', '.join(changed)}); "
-                             "rerun with the same arguments or start a new run")
-        with torch.no_grad():
-            for n, p in zip(self.trained_names, self.trained):
-                p.copy_(state["trained"][f"model.diffusion_model.{n}"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        self.iteration, self.losses = int(state["iteration"]), list(state["losses"])
+    def load_extra_state(self, state):
         self._pending = [tuple(v.to(self.device) for v in p) for p in state["pending"]]
-
-    def restore_original(self):
-        """Put the frozen model's values back into the trained parameters (the base model again)."""
-        params = dict(self.unet.named_parameters())
-        with torch.no_grad():
-            for n, value in self.teacher.original_values(self.trained_names).items():
-                params[n].copy_(value)

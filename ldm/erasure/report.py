@@ -8,25 +8,12 @@ collateral damage.
 """
 import numpy as np
 import pandas as pd
+import torch
 
 from ldm.data.concepts import ATTRIBUTES
 from ldm.data.prompt_sets import attribute_of
-from ldm.evaluation import wilson_interval
+from ldm.evaluation import correct_table, wilson_interval
 from ldm.evaluator import HEADS
-
-
-def correct_table(results, prompts):
-    """One row per (image, attribute named by its prompt): the truth and whether the evaluator agreed."""
-    truth = prompts.set_index("case_number")
-    rows = []
-    for head in HEADS:
-        expected = results["case_number"].map(truth[head].fillna("").astype(str))
-        named = (expected != "") & results[f"pred_{head}"].notna()
-        part = results.loc[named, ["case_number", "sample"]].copy()
-        part["attribute"], part["truth"] = head, expected[named]
-        part["correct"] = (results.loc[named, f"pred_{head}"] == expected[named]).astype(float)
-        rows.append(part)
-    return pd.concat(rows, ignore_index=True)
 
 
 def per_concept_accuracy(results, prompts):
@@ -223,3 +210,28 @@ def format_summary(table):
 def stack_pairs(base_images, edited_images):
     """(rows, 2, H, W, 3) from two equally long lists of images."""
     return np.stack([np.stack([b, e]) for b, e in zip(base_images, edited_images)])
+
+
+def _key_value_weights(model):
+    return {n: w for n, w in model.model.diffusion_model.named_parameters()
+            if "attn2.to_k.weight" in n or "attn2.to_v.weight" in n}
+
+
+@torch.no_grad()
+def preservation_table(base, edited, prompts, seeds=(0, 1, 2, 3), guidance_scale=7.5, ddim_steps=50):
+    """Per prompt, how exactly ``edited`` keeps ``base`` (two CompVis models): the largest absolute
+    difference of any cross-attention key/value (fp32) over every context token, and the largest pixel
+    difference (0-255) of the images both draw from the same start noise, one per seed."""
+    from ldm.generate import generate, latent_shape, seeded_noise
+    base_kv, edited_kv = _key_value_weights(base), _key_value_weights(edited)
+    x_T = seeded_noise(seeds, latent_shape(base))
+    rows = []
+    for prompt in prompts:
+        context_base = base.get_learned_conditioning([prompt]).float()[0]
+        context_edited = edited.get_learned_conditioning([prompt]).float()[0]
+        kv = max((context_edited @ edited_kv[n].T - context_base @ base_kv[n].T).abs().max().item() for n in base_kv)
+        images = [generate(m, [prompt] * len(seeds), x_T, guidance_scale, ddim_steps).astype(int) for m in (base, edited)]
+        rows.append({"prompt": prompt, "key_value_max_abs_diff": kv, "images": len(seeds),
+                     "pixel_max_abs_diff": int(np.abs(images[0] - images[1]).max()),
+                     "pixels_differing": float((images[0] != images[1]).mean())})
+    return pd.DataFrame(rows)

@@ -1,13 +1,18 @@
-"""Run folders of erasure methods: ``models/<run_name>/`` with the trained parameters, their config
-and the base model's identity, loadable by name wherever a model is named.
+"""Run folders of erasure methods: ``models/<run_name>/`` with the edit, its config and the base
+model's identity, loadable by name wherever a model is named; and what every train script does
+around its method's trainer (``add_run_args``, ``start_run``, ``finish_run``).
 
     models/<run_name>/
-      config.yaml                 the base model's CompVis config (model:) plus run: (every argument)
-                                  and base_model: (config, checkpoint path, size, sha256)
-      trained-params.safetensors  the trained parameters alone, CompVis keys; applied over the base
+      config.yaml                 the base model's CompVis config (model:) plus run: (every argument,
+                                  ``method`` among them) and base_model: (config, checkpoint, sha256)
+      trained-params.safetensors  ESD, CiE: the trained parameters alone, CompVis keys, over the base
+      term-<concept>.safetensors  SepCE: one separable term per erased concept, summed over the base
       model.ckpt                  optional (--save_compvis): the whole edited CompVis checkpoint
       checkpoints/last.pt         periodic resumable state (trained weights, optimizer, RNG)
+
+The edit is applied by the method the run records (``EDITS``); nothing else loads runs.
 """
+import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from ldm.loading import LoadedModel, make_identity, sha256_of, warn
 from ldm.paths import MODELS_DIR, resolve_path
-from ldm.util import UsageError, atomic_path, atomic_save, dict_differences, load_config, load_model_from_config
+from ldm.util import (UsageError, atomic_path, atomic_save, atomic_write_text, dict_differences, load_config,
+                      load_model_from_config)
 
 TRAINED_PARAMS = "trained-params.safetensors"
+TERM_PREFIX = "term-"
 RESUME_STATE = Path("checkpoints") / "last.pt"
 
 
@@ -87,9 +94,73 @@ def apply_trained_params(model, path):
     return model
 
 
+def term_file_name(concept):
+    """The file of one concept's separable term: ``term-<concept, lowercase, non-alphanumerics as ->.safetensors``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", concept.lower()).strip("-") or "concept"
+    return f"{TERM_PREFIX}{slug}.safetensors"
+
+
+def term_files(run_dir):
+    """A run's separable-term files, in name order."""
+    return sorted(Path(run_dir).glob(f"{TERM_PREFIX}*.safetensors"))
+
+
+def read_term(path):
+    """One term file: ``(tensors, metadata)``; the metadata names at least ``concept``."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "concept" not in metadata:
+        raise UsageError(f"'{path}' is not a separable term (no concept in its metadata)")
+    return load_file(str(path)), metadata
+
+
+def save_term(run_dir, concept, tensors, metadata):
+    """Write one concept's term atomically; returns its path."""
+    path = Path(run_dir) / term_file_name(concept)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in {**metadata, "concept": concept}.items()})
+    return path
+
+
+def run_method(run_dir):
+    """The method a run folder records (``run.method``); None when the folder is not a run."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        return None
+    config = load_config(config_path)
+    if config.get("base_model") is None or config.get("run") is None:
+        return None
+    return config.run.get("method")
+
+
 def is_run_dir(folder):
-    """Whether ``folder`` is a run folder (trained parameters over a named base model)."""
-    return (Path(folder) / TRAINED_PARAMS).is_file() and (Path(folder) / "config.yaml").is_file()
+    """Whether ``folder`` is a run folder (an edit over a named base model)."""
+    return run_method(folder) is not None
+
+
+# How each method's edit is applied over the base model: a function (model, run_dir) -> model,
+# named as a dotted path so that a method's module loads only when one of its runs does.
+EDITS = {
+    "esd": "ldm.erasure.runs.apply_trained_params_of",
+    "cie": "ldm.erasure.runs.apply_trained_params_of",
+    "sepce": "ldm.erasure.sepce.apply_terms_of",
+}
+
+
+def apply_trained_params_of(model, run_dir):
+    """The overlay edit (ESD, CiE): the run's trained parameters replace the base's."""
+    return apply_trained_params(model, Path(run_dir) / TRAINED_PARAMS)
+
+
+def apply_edit(model, run_dir, method):
+    """Apply a run's edit to its base ``model`` by the run's recorded ``method``."""
+    from ldm.util import get_obj_from_str
+    if method not in EDITS:
+        raise UsageError(f"run '{Path(run_dir).name}' records method '{method}', which this version cannot load "
+                         f"(known: {', '.join(EDITS)})")
+    return get_obj_from_str(EDITS[method])(model, run_dir)
 
 
 def run_files(run_dir):
@@ -100,6 +171,55 @@ def run_files(run_dir):
         if path.is_file():
             files[path.name] = path
     return files
+
+
+def find_run(name, flag, methods=None):
+    """The folder of run ``name`` (under models/, or a path) for ``flag``; one line when there is none,
+    or when its method is not one of ``methods``."""
+    folder = Path(name) if Path(name).is_dir() else MODELS_DIR / str(name)
+    method = run_method(folder) if folder.is_dir() else None
+    if method is None:
+        runs = sorted(p.name for p in MODELS_DIR.iterdir() if run_method(p) in (methods or EDITS))
+        raise UsageError(f"{flag} '{name}': no such run (no run folder {folder}); runs here: "
+                         f"{', '.join(runs) or 'none'}")
+    if methods and method not in methods:
+        raise UsageError(f"{flag} '{name}' is a {method} run; it needs a run of {' or '.join(methods)}")
+    return folder
+
+
+def run_base_args(args, name, method):
+    """Point ``args.config_path``/``args.ckpt_path`` at the base model of run ``name`` (``--on``) and set
+    ``args.on_dir`` to its folder: a run built on another is built on the same base."""
+    folder = find_run(name, "--on", [method])
+    base = load_config(folder / "config.yaml").base_model
+    args.config_path, args.ckpt_path, args.on_dir = base.config_path, base.ckpt_path, str(folder)
+    return folder
+
+
+def restore_concept(run_dir, concept, new_name, overwrite=False, root=MODELS_DIR):
+    """Write run ``root/new_name``: ``run_dir`` with ``concept``'s separable term dropped (every other term
+    and the config kept; ``run.restored`` lists what was dropped). Dropping every term gives the base model."""
+    run_dir = Path(run_dir)
+    if (Path(root) / new_name).resolve() == run_dir.resolve():
+        raise UsageError("--run_name must differ from --model_name: a restore writes a new run")
+    terms = {read_term(p)[1]["concept"]: p for p in term_files(run_dir)}
+    if not terms:
+        raise UsageError(f"run '{run_dir.name}' has no separable terms (it is a {run_method(run_dir)} run); "
+                         "only runs whose concepts are separate terms (SepCE, CPE) can restore one")
+    if concept not in terms:
+        raise UsageError(f"--concept '{concept}' is not erased by run '{run_dir.name}'; its concepts: "
+                         f"{', '.join(repr(c) for c in terms)}")
+    new_dir = prepare_run_dir(new_name, overwrite=overwrite, root=root)
+    config = load_config(run_dir / "config.yaml")
+    restored = list(config.run.get("restored", [])) + [concept]
+    config = OmegaConf.merge(config, {"run": {"restored": restored, "restored_from": run_dir.name,
+                                              "concepts": [c for c in terms if c != concept]}})
+    with atomic_path(new_dir / "config.yaml") as tmp:
+        OmegaConf.save(config, tmp)
+    for name, path in terms.items():
+        if name != concept:
+            shutil.copyfile(path, new_dir / path.name)
+    return new_dir
 
 
 def check_base(run_dir, base, force_base=False):
@@ -120,8 +240,8 @@ def check_base(run_dir, base, force_base=False):
 
 
 def load_run(run_dir, device="cpu", unsafe_pickle=False, force_base=False):
-    """The edited model of a run folder (its whole ``model.ckpt`` when saved, else base + trained
-    parameters) as a ``LoadedModel`` whose identity holds the run's files and its base's."""
+    """The edited model of a run folder (its whole ``model.ckpt`` when saved, else the base with the
+    run's edit applied) as a ``LoadedModel`` whose identity holds the run's files and its base's."""
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
     base = config.get("base_model")
@@ -132,7 +252,7 @@ def load_run(run_dir, device="cpu", unsafe_pickle=False, force_base=False):
         raise UsageError(f"'{run_dir}/config.yaml' has no base_model: section; it is not a run folder")
     ckpt = check_base(run_dir, base, force_base)
     model = load_model_from_config(config, ckpt, "cpu", unsafe_pickle)
-    apply_trained_params(model, run_dir / TRAINED_PARAMS)
+    apply_edit(model, run_dir, config.run.method)
     identity = make_identity("run", run_files(run_dir), base=make_identity("compvis", {"checkpoint": ckpt}))
     return LoadedModel(model.to(device).eval(), "run", run_dir.name, identity, run_dir, config)
 
@@ -162,12 +282,12 @@ def load_resume_state(run_dir):
 
 
 def run_training(trainer, iterations, run_dir, save_every=0, progress=True):
-    """Step ``trainer`` (anything with ``step()``, ``iteration``, ``state_dict()``) up to ``iterations``,
-    writing the resumable state every ``save_every`` iterations and at the end. A failing step
-    leaves the last good state on disk and re-raises."""
+    """Step ``trainer`` (an ``ErasureTrainer``) up to ``iterations`` or until its stop rule ends it,
+    writing the resumable state every ``save_every`` iterations and at the end. A failing step leaves
+    the last good state on disk and re-raises."""
     from tqdm.auto import tqdm
     with tqdm(total=iterations, initial=trainer.iteration, desc="erasing", disable=not progress) as bar:
-        while trainer.iteration < iterations:
+        while trainer.iteration < iterations and not trainer.stopped:
             try:
                 loss = trainer.step()
             except Exception:
@@ -179,6 +299,89 @@ def run_training(trainer, iterations, run_dir, save_every=0, progress=True):
                 save_resume_state(run_dir, trainer.state_dict())
     save_resume_state(run_dir, trainer.state_dict())
     return trainer
+
+
+def add_run_args(parser):
+    """The flags every train script shares: devices, precision, naming, resuming and outputs."""
+    parser.add_argument("--devices", default="0" if torch.cuda.is_available() else "cpu",
+                        help="cpu, 0, or 0,1: the frozen teacher as a whole UNet copy on the second (cpu,cpu "
+                             "too); one device keeps one UNet and copies only the trained weights")
+    parser.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                        help="autocast (auto: bf16 on a GPU where supported, fp16 otherwise; none on the CPU, "
+                             "where bf16 or fp16 must be asked for); weights and Adam's state stay fp32")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_every", type=int, default=100, help="iterations between resumable checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run of the same name")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--save_compvis", action="store_true", help="also write the whole CompVis model.ckpt")
+    parser.add_argument("--no_diffusers", action="store_true", help="skip the diffusers folder")
+    return parser
+
+
+def parse_devices(text):
+    """``--devices``: one device, or two (student, frozen teacher)."""
+    from ldm.cli import parse_device
+    devices = [parse_device(d) for d in str(text).split(",")]
+    if len(devices) > 2:
+        raise UsageError("--devices takes one or two devices, e.g. 0 or 0,1")
+    return devices
+
+
+def autocast_dtype(choice, device):
+    """The autocast dtype ``--mixed_precision`` asks for on ``device`` (None: full fp32)."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def load_base(args, device):
+    """The base CompVis model of a train script (``--config_path``/``--ckpt_path``) as a ``LoadedModel``
+    (with its identity), ``--gradient_checkpointing`` applied."""
+    from ldm.loading import load_compvis
+    loaded = load_compvis(args.config_path, args.ckpt_path, device, args.unsafe_pickle)
+    if args.gradient_checkpointing:
+        loaded.model.model.diffusion_model.set_gradient_checkpointing(True)
+    return loaded
+
+
+def train_run(trainer, name, method, args, config, iterations, title, words, image_size, metadata=None):
+    """Everything a train script does once its trainer is built: the run folder (``--resume``,
+    ``--overwrite``), its config record, the training loop, the edit, the loss curve, a before/after
+    grid, ``training.json`` (iterations run, whether the stop rule ended it, seconds) and the optional
+    CompVis and diffusers exports. Returns the run folder."""
+    import json
+    import time
+
+    from ldm.convert import save_diffusers
+    from ldm.training import export_checkpoint
+    run_dir = prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite)  # every argument checked
+    run_args = {"method": method, **vars(args), **trainer.settings.as_dict()}
+    base = base_identity(args.config_path, args.ckpt_path)
+    if args.resume:
+        check_resume(run_dir, run_args, base)
+        trainer.load_state_dict(load_resume_state(run_dir))
+    write_run_config(run_dir, config, run_args, base)
+
+    started = time.perf_counter()
+    run_training(trainer, iterations, run_dir, args.save_every)
+    seconds = time.perf_counter() - started
+
+    trainer.save_edit(run_dir, {"method": method, **(metadata or {})})
+    write_losses(run_dir, trainer.losses, title=title)
+    summary = {"iterations": trainer.iteration, "stopped_by_rule": bool(trainer.stopped),
+               "training_seconds_this_process": round(seconds, 2), **trainer.summary()}
+    atomic_write_text(run_dir / "training.json", json.dumps(summary, indent=2))
+    model = trainer.edited_model().eval()
+    save_before_after_grid(model, trainer.base_values(), comparison_prompts(words), run_dir / "samples.png",
+                           image_size=image_size)
+    if args.save_compvis:
+        export_checkpoint(model, run_dir / "model.ckpt", half=False)
+    if not args.no_diffusers:
+        save_diffusers(model, config, run_dir / "diffusers", overwrite=True)
+    return run_dir
 
 
 def write_losses(run_dir, losses, title="loss"):

@@ -1,0 +1,57 @@
+"""How exactly an edited model keeps prompts it should not touch: cross-attention keys/values and images.
+
+    python eval-scripts/preservation.py --model_name sepce-word_VanGogh          # "" and the run's protected set
+    python eval-scripts/preservation.py --model_name sepce-Seurat --prompts 'Van Gogh' --base_model tiny-sd
+
+Per prompt: the largest absolute difference of any attn2 to_k/to_v output (fp32, every token) and the
+largest pixel difference (0-255) between the base's and the edited model's images from the same start
+noise (--num_seeds images each). SepCE's promise: 0 up to float rounding, images identical up to 1/255.
+Writes --save_path/<run>.csv.
+"""
+from pathlib import Path
+
+import torch
+
+from ldm.cli import new_parser, parse_device, run
+from ldm.erasure.report import preservation_table
+from ldm.erasure.runs import find_run
+from ldm.erasure.sepce import read_terms
+from ldm.loading import load_model
+from ldm.util import UsageError, atomic_to_csv
+
+
+def main():
+    parser = new_parser(__doc__)
+    parser.add_argument("--model_name", required=True, help="the edited model: a run folder under models/")
+    parser.add_argument("--base_model", default="tiny-sd")
+    parser.add_argument("--prompts", help="comma-separated prompts (default: \"\" and every term's protected set)")
+    parser.add_argument("--num_seeds", type=int, default=4)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--ddim_steps", type=int, default=50)
+    parser.add_argument("--save_path", default="outputs/preservation")
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    folder = find_run(args.model_name, "--model_name")
+    if args.prompts is not None:
+        prompts = [p.strip() for p in args.prompts.split(",")]
+    else:
+        prompts = list(dict.fromkeys(p for term in read_terms(folder) for p in term["protected"]))
+        if not prompts:
+            raise UsageError(f"run '{args.model_name}' has no separable terms to read a protected set from; "
+                             "name the prompts with --prompts")
+    device = parse_device(args.device)
+    base, edited = load_model(args.base_model, device=device), load_model(str(folder), device=device)
+    table = preservation_table(base.model, edited.model, prompts, range(args.num_seeds), args.guidance_scale,
+                               args.ddim_steps)
+    out = Path(args.save_path) / f"{folder.name}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_to_csv(table, out)
+    print(f"base {base.name} ({base.sha256[:12]}), edited {edited.name} ({edited.sha256[:12]}); "
+          f"{args.num_seeds} images per prompt")
+    print(table.to_string(index=False))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    run(main)

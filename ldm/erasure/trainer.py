@@ -1,0 +1,217 @@
+"""What every erasure trainer shares: the frozen teacher, a denoiser wrapper for sampling, the optimizer
+step (mixed precision, non-finite losses refused) and resumable state.
+
+A method subclasses ``ErasureTrainer`` and writes ``loss()`` (one iteration's loss, a scalar tensor) and
+``edit_state()`` (what its run folder stores); ``step()``, ``state_dict()`` and ``load_state_dict()``
+are shared, so every method resumes bit-identically after a kill.
+"""
+import copy
+
+import torch
+from torch.func import functional_call
+
+from ldm.util import UsageError
+
+
+class NonFiniteLoss(UsageError):
+    """The loss became NaN or infinite; the weights before that iteration are kept."""
+
+
+class Teacher:
+    """The frozen model: ``unet`` evaluated with the original values of its trained parameters.
+
+    With ``device`` None, nothing but those values is copied. With a ``device`` (``--devices 0,1``;
+    ``cpu,cpu`` too) the teacher is a frozen copy of the whole UNet there, as the original two-GPU setup.
+    """
+
+    def __init__(self, unet, trained_names, device=None):
+        self.unet = unet
+        params = dict(unet.named_parameters())
+        self.device = torch.device(device) if device is not None else params[trained_names[0]].device
+        if device is None:
+            self.original = {n: params[n].detach().clone() for n in trained_names}
+            self.copy = None
+        else:
+            self.copy = copy.deepcopy(unet).to(self.device).requires_grad_(False).eval()
+            self.original = {}
+
+    def original_values(self, names):
+        """The frozen values of the parameters ``names``."""
+        if self.copy is None:
+            return {n: self.original[n] for n in names}
+        params = dict(self.copy.named_parameters())
+        return {n: params[n].detach() for n in names}
+
+    @torch.no_grad()
+    def __call__(self, x, t, context):
+        home = x.device
+        if self.copy is not None:
+            return self.copy(x.to(self.device), t.to(self.device), context=context.to(self.device)).to(home)
+        return functional_call(self.unet, self.original, (x, t), {"context": context}, strict=False)
+
+
+class Denoiser:
+    """What ``ddim_sample`` needs (``apply_model``, ``num_timesteps``, ``alphas_cumprod``) over a UNet call."""
+
+    def __init__(self, model, unet_call):
+        self.model, self.unet_call = model, unet_call
+        self.num_timesteps, self.alphas_cumprod = model.num_timesteps, model.alphas_cumprod
+
+    def apply_model(self, x, t, cond):
+        return self.unet_call(x, t, cond)
+
+
+def select_unet_parameters(unet, rule, what, hint):
+    """Names (relative to the UNet) of the parameters for which ``rule(name)`` holds; none is an error."""
+    names = [name for name, _ in unet.named_parameters() if rule(name)]
+    if not names:
+        raise UsageError(f"{what} selects no parameters of this UNet (its blocks are named differently); {hint}")
+    return names
+
+
+class ErasureTrainer:
+    """The shared training loop state of an erasure method.
+
+    ``params``: the tensors the optimizer trains (name -> tensor, requiring grad). Adam over them; with
+    fp16 autocast on a GPU a gradient scaler; the weights and Adam's state stay fp32 either way.
+    Subclasses set ``self.settings`` (a dataclass with ``check()`` and ``as_dict()``) before calling
+    ``__init__`` of this class, implement ``loss()``, and may override ``stopped`` (a stop rule) and
+    ``extra_state()``/``load_extra_state()``.
+    """
+
+    def __init__(self, params, lr, seed, device="cpu", autocast_dtype=None):
+        self.params = params
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+        use_scaler = autocast_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.iteration, self.losses = 0, []
+
+    def autocast(self):
+        """Autocast to the trainer's dtype (disabled when none)."""
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    def randint(self, high, low=0):
+        """One integer in ``[low, high)`` from the trainer's own (resumable) generator."""
+        return int(torch.randint(low, high, (1,), generator=self.generator))
+
+    def loss(self):
+        """This iteration's loss (a scalar tensor with a graph to ``params``)."""
+        raise NotImplementedError
+
+    @property
+    def stopped(self):
+        """Whether a method's own stop rule has ended training (besides the iteration cap)."""
+        return False
+
+    def after_step(self, loss):
+        """Hook after a successful step (a stop rule's statistics)."""
+
+    def step(self):
+        """One iteration; returns its loss. A non-finite loss raises before any weight changes."""
+        self.optimizer.zero_grad(set_to_none=True)  # every step: the CiE public code never does
+        loss = self.loss()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; the weights from before "
+                                "it are kept; lower --lr or check the model's weights")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.iteration += 1
+        self.losses.append(loss.item())
+        self.after_step(loss)
+        return self.losses[-1]
+
+    def summary(self):
+        """Figures a method reports about its run (recorded in ``training.json``)."""
+        return {}
+
+    def save_edit(self, run_dir, metadata):
+        """Write the run's edit into ``run_dir`` (what ``ldm.erasure.runs.EDITS`` loads back)."""
+        raise NotImplementedError
+
+    def edited_model(self):
+        """The ``LatentDiffusion`` model with the edit applied, for samples and exports."""
+        raise NotImplementedError
+
+    def base_values(self):
+        """The base values of the UNet parameters the edit changes (name -> tensor)."""
+        raise NotImplementedError
+
+    def extra_state(self):
+        """A method's own resumable state (tensors and plain values only)."""
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore what ``extra_state`` returned."""
+
+    def state_dict(self):
+        """Everything a resumed run needs; only tensors and plain Python values (loads with weights_only)."""
+        return {"params": {n: p.detach().cpu().contiguous() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "iteration": self.iteration, "losses": list(self.losses),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "settings": self.settings.as_dict(), "extra": self.extra_state()}
+
+    def load_state_dict(self, state):
+        """Continue from ``state`` (see :meth:`state_dict`); settings must match."""
+        mine = self.settings.as_dict()
+        if state["settings"] != mine:
+            changed = sorted(k for k in set(state["settings"]) | set(mine) if state["settings"].get(k) != mine.get(k))
+            raise UsageError(f"cannot resume: the checkpoint was made with other settings ({', '.join(changed)}); "
+                             "rerun with the same arguments or start a new run")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.iteration, self.losses = int(state["iteration"]), list(state["losses"])
+        self.load_extra_state(state["extra"])
+
+
+class OverlayTrainer(ErasureTrainer):
+    """A trainer that fine-tunes some UNet parameters in place (ESD, CiE): the edit is those parameters
+    (``trained-params.safetensors``, CompVis keys), the teacher the same UNet with their original values."""
+
+    def __init__(self, model, trained_names, lr, seed, device="cpu", teacher_device=None, autocast_dtype=None):
+        self.model = model
+        self.unet = model.model.diffusion_model
+        self.trained_names = trained_names
+        self.unet.requires_grad_(False)
+        params = dict(self.unet.named_parameters())
+        super().__init__({n: params[n].requires_grad_(True) for n in trained_names}, lr, seed, device,
+                         autocast_dtype)
+        self.teacher = Teacher(self.unet, trained_names, device=teacher_device)
+
+    def student(self, x, t, context):
+        """The model being trained."""
+        with self.autocast():
+            return self.unet(x, t, context=context).float()
+
+    def frozen(self, x, t, context):
+        """The frozen base model (no gradient)."""
+        with self.autocast():
+            return self.teacher(x, t, context).float()
+
+    def trained_state(self):
+        """The trained parameters as a state dict with CompVis keys (``model.diffusion_model.*``)."""
+        return {f"model.diffusion_model.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
+
+    def save_edit(self, run_dir, metadata):
+        from ldm.erasure.runs import save_trained_params
+        save_trained_params(run_dir, self.trained_state(), metadata)
+
+    def edited_model(self):
+        return self.model
+
+    def base_values(self):
+        return self.teacher.original_values(self.trained_names)
