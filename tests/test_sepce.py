@@ -107,6 +107,8 @@ def test_sepce_settings_refuse_bad_sets():
     with pytest.raises(UsageError, match="no default keep set"):
         default_keep("a photo of a dog")
     assert protected_set(["b"], [{"concept": "a", "protected": ["", "b", "c"]}]) == ["", "b", "a", "c"]
+    # erasing a concept an earlier term protected: the new term's basis must not annihilate it
+    assert protected_set(["b"], [{"concept": "a", "protected": ["", "b", "c"]}], concept="c") == ["", "b", "a"]
 
 
 def test_momentum_stop_rule_and_loss():
@@ -235,7 +237,9 @@ def test_scripts_erase_iteratively_restore_and_load(tmp_path):
     done = run_script("train-scripts/train-sepce.py", "--prompt", "Seurat", *FAST, "--on", a, "--run_name", ab)
     assert done.returncode == 0, done.stderr
     assert [t["concept"] for t in read_terms(ab)] == ["Seurat", "Van Gogh"]
-    assert "Van Gogh" in read_terms(ab)[0]["protected"]  # B's basis is built against A
+    seurat = read_terms(ab)[0]
+    assert "Van Gogh" in seurat["protected"] and "Seurat" not in seurat["protected"]  # built against A, not itself
+    assert any(a.abs().max() > 0 for a in seurat["alphas"].values())
     assert load_file(a / "term-van-gogh.safetensors").keys() == load_file(ab / "term-van-gogh.safetensors").keys()
     done = run_script("train-scripts/restore-concept.py", "--model_name", ab, "--concept", "Van Gogh", "--run_name", b)
     assert done.returncode == 0, done.stderr
@@ -266,3 +270,35 @@ def test_bad_input_is_one_line(script, flags, message, tmp_path):
         flags = [*flags, "--run_name", tmp_path / "run", "--num_images", 2, "--devices", "cpu"]
     line = one_line_error(run_script(f"train-scripts/{script}", *flags))
     assert message in line, line
+
+
+def test_preservation_table_measures_keys_values_and_pixels(tiny, tiny_state):
+    from ldm.erasure.report import preservation_table
+    base = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+    base.load_state_dict(tiny_state)
+    protected = ["", "Seurat"]
+    apply_terms(tiny, [random_term(tiny, "Van Gogh", protected, scale=0.05)])
+    table = preservation_table(base.eval(), tiny, ["", "Seurat", "Van Gogh"], seeds=[0, 1], ddim_steps=3).set_index("prompt")
+    assert (table.loc[["", "Seurat"], "key_value_max_abs_diff"] < 1e-4).all()
+    assert (table.loc[["", "Seurat"], "pixel_max_abs_diff"] <= 1).all() and table.loc["Van Gogh", "key_value_max_abs_diff"] > 1e-2
+    assert (table["images"] == 2).all()
+
+
+def test_prompt_templates_condition_the_loss_on_phrasings(tiny):
+    from ldm.erasure.cie import ConceptDirectionLoss, concept_phrasings
+    assert concept_phrasings("moon") == ["moon"]
+    assert concept_phrasings("moon", ["{}", "a photo of {}"]) == ["moon", "a photo of moon"]
+    with pytest.raises(UsageError, match="exactly once"):
+        cie_settings(prompt_templates=["no slot"]).check()
+    loss = ConceptDirectionLoss(tiny, concept_phrasings("moon", ["{}", "a photo of {}"]), training_latents(tiny), "cpu")
+    seen = []
+
+    def recording(x, t, context):
+        seen.append(context[: len(x) // 2].clone())
+        return torch.zeros_like(x)
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        loss(recording, recording, generator, batch_size=4)
+    used = {int(torch.isclose(c, loss.concepts[1]).all()) for batch in seen for c in batch}
+    assert used == {0, 1}  # both phrasings drawn

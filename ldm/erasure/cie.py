@@ -56,6 +56,10 @@ def add_cie_args(parser):
                                                   "against the frozen one; write --tau=-2e-4)")
     parser.add_argument("--warmup", type=int, default=10, help="iterations before the stop rule applies")
     parser.add_argument("--batch_size", type=int, help="training latents per iteration (default 1, or cie_defaults)")
+    from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES
+    parser.add_argument("--prompt_templates", nargs="?", const=str(DEFAULT_PROMPT_TEMPLATES), metavar="FILE",
+                        help="condition the loss on phrasings of the concept, one template a line with {} (bare "
+                             "flag: data/esd-prompt-templates.txt); default: the bare concept, as the paper")
     return parser
 
 
@@ -72,9 +76,13 @@ class CiESettings:
     momentum: float = 0.9
     batch_size: int = 1
     seed: int = 0
+    prompt_templates: list = None  # phrasings of the concept the loss conditions on; None: the bare concept
 
     def check(self):
         """Refuse contradictory settings with one line each."""
+        if self.prompt_templates is not None:
+            from ldm.erasure.esd import check_prompt_templates
+            check_prompt_templates(self.prompt_templates)
         if not self.concept.strip():
             raise UsageError("--prompt is empty; name the concept to erase, e.g. --prompt 'Van Gogh'")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -124,25 +132,34 @@ class MomentumStop:
 
 class ConceptDirectionLoss:
     """``L_dir`` on a batch of training latents: noised at a random ``t``, the edited and frozen
-    models' concept directions compared."""
+    models' concept directions compared. With several ``phrasings`` of the concept, each latent of a
+    batch is conditioned on one drawn at random."""
 
-    def __init__(self, model, concept, latents, device):
+    def __init__(self, model, phrasings, latents, device):
         self.model, self.latents = model, latents.to(device)
         with torch.no_grad():
-            self.contexts = model.get_learned_conditioning([concept, ""]).to(device)
+            self.concepts = model.get_learned_conditioning(list(phrasings)).to(device)
+            self.uncond = model.get_learned_conditioning([""]).to(device)
 
     def __call__(self, student, frozen, generator, batch_size):
         index = torch.randint(0, len(self.latents), (batch_size,), generator=generator)
         z = self.latents[index]
         t = torch.randint(0, self.model.num_timesteps, (batch_size,), generator=generator).to(z.device)
         noise = torch.randn(z.shape, generator=generator).to(z.device)
+        phrasing = (torch.randint(0, len(self.concepts), (batch_size,), generator=generator)
+                    if len(self.concepts) > 1 else torch.zeros(batch_size, dtype=torch.long))
         z_t = self.model.q_sample(z, t, noise)
         x, tt = torch.cat([z_t, z_t]), torch.cat([t, t])
-        context = torch.cat([self.contexts[:1].expand(batch_size, -1, -1), self.contexts[1:].expand(batch_size, -1, -1)])
+        context = torch.cat([self.concepts[phrasing.to(z.device)], self.uncond.expand(batch_size, -1, -1)])
         with torch.no_grad():
             frozen_c, frozen_u = frozen(x, tt, context).chunk(2)
         edited_c, edited_u = student(x, tt, context).chunk(2)
         return concept_irrelevance(edited_c - edited_u, frozen_c - frozen_u)
+
+
+def concept_phrasings(concept, templates=None):
+    """The prompts the loss conditions on: every template filled with the concept (the bare concept without)."""
+    return [t.replace("{}", concept) for t in (templates or ["{}"])]
 
 
 def l1_distance(deltas):
@@ -158,7 +175,8 @@ class CiETrainer(OverlayTrainer):
         names = select_unet_parameters(model.model.diffusion_model, lambda n: "attn2" in n, "CiE (attn2)",
                                        hint="CiE trains the cross-attention layers")
         super().__init__(model, names, settings.lr, settings.seed, device, teacher_device, autocast_dtype)
-        self.direction = ConceptDirectionLoss(model, settings.concept, latents, self.device)
+        self.direction = ConceptDirectionLoss(model, concept_phrasings(settings.concept, settings.prompt_templates),
+                                              latents, self.device)
         self.rule = MomentumStop(settings.tau, settings.warmup, settings.momentum)
         self.original = self.teacher.original_values(names)
         self.direction_losses = []

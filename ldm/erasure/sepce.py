@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.func import functional_call
 
-from ldm.erasure.cie import ConceptDirectionLoss, MomentumStop, l1_distance
+from ldm.erasure.cie import ConceptDirectionLoss, MomentumStop, concept_phrasings, l1_distance
 from ldm.erasure.runs import read_term, save_term, term_files
 from ldm.erasure.trainer import ErasureTrainer
 from ldm.text_geometry import NULL_SPACE_RTOL, null_space, stacked_embeddings
@@ -45,13 +45,15 @@ def default_keep(concept):
     return protected_prompts(concept)[1:]
 
 
-def protected_set(keep, earlier_terms=()):
+def protected_set(keep, earlier_terms=(), concept=None):
     """The prompts a new term must leave unchanged: ``""``, the keep set, and every earlier term's
-    concept and protected set (iterative erasure), without repeats, in order."""
+    concept and protected set (iterative erasure), without repeats, in order. ``concept`` itself is
+    left out: an earlier term may have protected it (Seurat, kept when Van Gogh was erased), and that
+    term keeps leaving it unchanged, but the new term is the one that erases it."""
     prompts = ["", *keep]
     for term in earlier_terms:
         prompts += [term["concept"], *term["protected"]]
-    return list(dict.fromkeys(prompts))
+    return [p for p in dict.fromkeys(prompts) if concept is None or p.strip() != concept.strip()]
 
 
 @dataclass
@@ -71,12 +73,13 @@ class SepCESettings:
     momentum: float = 0.9
     batch_size: int = 1
     seed: int = 0
+    prompt_templates: list = None
 
     def check(self):
         """Refuse contradictory settings with one line each (CiE's checks, then the set's)."""
         from ldm.erasure.cie import CiESettings
         CiESettings(self.concept, self.data, self.iterations, self.lr, self.l1_weight, self.tau, self.warmup,
-                    self.momentum, self.batch_size, self.seed).check()
+                    self.momentum, self.batch_size, self.seed, self.prompt_templates).check()
         keep = [k.strip() for k in self.keep]
         if not any(keep):
             raise UsageError("the keep set is empty: SepCE protects the concepts it is built against; name them "
@@ -172,7 +175,8 @@ class SepCETrainer(ErasureTrainer):
         alphas = {n: torch.zeros(w.shape[0], self.basis.shape[1], device=device, requires_grad=True)
                   for n, w in weights.items()}
         super().__init__(alphas, settings.lr, settings.seed, device, autocast_dtype)
-        self.direction = ConceptDirectionLoss(model, settings.concept, latents, self.device)
+        self.direction = ConceptDirectionLoss(model, concept_phrasings(settings.concept, settings.prompt_templates),
+                                              latents, self.device)
         self.rule = MomentumStop(settings.tau, settings.warmup, settings.momentum)
         self.direction_losses = []
 
