@@ -137,9 +137,9 @@ class ConceptDirectionLoss:
 
     def __init__(self, model, phrasings, latents, device):
         self.model, self.latents = model, latents.to(device)
-        with torch.no_grad():
-            self.concepts = model.get_learned_conditioning(list(phrasings)).to(device)
-            self.uncond = model.get_learned_conditioning([""]).to(device)
+        with torch.no_grad():  # one batch, phrasings then "" (text-encoder numerics depend on the batch)
+            contexts = model.get_learned_conditioning([*phrasings, ""]).to(device)
+        self.concepts, self.uncond = contexts[:-1], contexts[-1:]
 
     def __call__(self, student, frozen, generator, batch_size):
         index = torch.randint(0, len(self.latents), (batch_size,), generator=generator)
@@ -267,13 +267,15 @@ def read_images(folder):
 
 @torch.no_grad()
 def encode_images(model, images, batch_size=16):
-    """Latents ``z`` of ``images`` (in [-1, 1]) under the model's first stage, scaled as the UNet sees them."""
+    """Latents ``z`` of ``images`` (in [-1, 1]) under the model's first stage, scaled as the UNet sees them:
+    the posterior's mode, so the same images always give the same latents (a posterior sample would
+    draw from the global RNG and make every run differ)."""
     side = pixel_size(model)
     if images.shape[-1] != side or images.shape[-2] != side:
         raise UsageError(f"training images are {images.shape[-1]}x{images.shape[-2]} pixels; this model draws "
                          f"{side}x{side}; generate them with this model (eval-scripts/generate-data.py)")
     device = model.betas.device
-    chunks = [model.get_first_stage_encoding(model.encode_first_stage(images[i:i + batch_size].to(device)))
+    chunks = [model.get_first_stage_encoding(model.encode_first_stage(images[i:i + batch_size].to(device)).mode())
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks).float()
 
