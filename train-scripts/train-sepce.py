@@ -2,7 +2,7 @@
 
     python train-scripts/train-sepce.py --prompt 'Van Gogh'                     # keeps the other styles
     python train-scripts/train-sepce.py --prompt Seurat --on sepce-VanGogh --run_name sepce-VanGogh-Seurat
-    python train-scripts/train-scripts/restore-concept.py --model_name sepce-VanGogh-Seurat --concept 'Van Gogh' \\
+    python train-scripts/restore-concept.py --model_name sepce-VanGogh-Seurat --concept 'Van Gogh' \\
         --run_name sepce-Seurat
 
 The concept's term edits every cross-attention to_k/to_v only outside the text embeddings of "" and the
