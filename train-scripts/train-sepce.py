@@ -1,9 +1,9 @@
 """Erase a concept with SepCE, Separable Concept Erasure (Zhao et al. 2024); tiny-sd by default.
 
     python train-scripts/train-sepce.py --prompt 'Van Gogh'                     # keeps the other styles
-    python train-scripts/train-sepce.py --prompt Seurat --on sepce-VanGogh --run_name sepce-VanGogh-Seurat
+    python train-scripts/train-sepce.py --prompt Seurat --on sepce-word_VanGogh --run_name sepce-VanGogh-Seurat
     python train-scripts/restore-concept.py --model_name sepce-VanGogh-Seurat --concept 'Van Gogh' \\
-        --run_name sepce-Seurat
+        --run_name sepce-Seurat-restored
 
 The concept's term edits every cross-attention to_k/to_v only outside the text embeddings of "" and the
 keep set (--keep; tiny-sd's default: every other value of the concept's attribute), so those prompts'
