@@ -84,6 +84,25 @@ def small_ckpt(small_model, tmp_path_factory):
     return path
 
 
+TINY = REPO_ROOT / "models" / "tiny-sd"
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    """tiny-sd's weights, loaded once per test module."""
+    from ldm.util import load_model_from_config
+    model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny(tiny_state):
+    """A fresh tiny-sd model (the module's loaded weights copied in)."""
+    model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+    model.load_state_dict(tiny_state)
+    return model.eval()
+
+
 def run_script(script, *args, cwd=REPO_ROOT):
     """Run a project script in a fresh interpreter; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=cwd,

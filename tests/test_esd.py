@@ -25,20 +25,6 @@ TINY = MODELS_DIR / "tiny-sd"
 
 
 @pytest.fixture(scope="module")
-def tiny_state():
-    model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture
-def tiny(tiny_state):
-    """A fresh tiny-sd model (the module's loaded weights copied in)."""
-    model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    model.load_state_dict(tiny_state)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
 def sd_unet():
     config = OmegaConf.load(SD_CONFIG)
     with torch.device("meta"):

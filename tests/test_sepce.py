@@ -14,24 +14,11 @@ from ldm.erasure.sepce import (MIN_NULL_DIMS, SepCESettings, SepCETrainer, apply
                                read_terms, term_basis, weight_delta)
 from ldm.paths import MODELS_DIR
 from ldm.text_geometry import stacked_embeddings
-from ldm.util import UsageError, instantiate_from_config, load_model_from_config
+from ldm.util import UsageError, instantiate_from_config
 
 from conftest import SMALL_CLIP, one_line_error, randomize_, run_script, small_sd_config
 
 TINY = MODELS_DIR / "tiny-sd"
-
-
-@pytest.fixture(scope="module")
-def tiny_state():
-    model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture
-def tiny(tiny_state):
-    model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    model.load_state_dict(tiny_state)
-    return model.eval()
 
 
 def cross_attention_outputs(model, prompts):

@@ -167,25 +167,21 @@ def l1_distance(deltas):
     return torch.stack([d.abs().sum() for d in deltas]).mean()
 
 
-class CiETrainer(OverlayTrainer):
-    """CiE over a ``LatentDiffusion`` model: the cross-attention weights (``attn2``) train in place."""
+class ConceptIrrelevance:
+    """CiE's objective and stop rule, shared by ``CiETrainer`` and SepCE's trainer: the trainer calls
+    ``init_objective`` and provides ``student``, ``frozen`` and ``weight_deltas()`` (its changes of the
+    original weights, for the L1 term)."""
 
-    def __init__(self, model, settings, latents, device="cpu", teacher_device=None, autocast_dtype=None):
-        self.settings = settings.check()
-        names = select_unet_parameters(model.model.diffusion_model, lambda n: "attn2" in n, "CiE (attn2)",
-                                       hint="CiE trains the cross-attention layers")
-        super().__init__(model, names, settings.lr, settings.seed, device, teacher_device, autocast_dtype)
+    def init_objective(self, model, settings, latents):
         self.direction = ConceptDirectionLoss(model, concept_phrasings(settings.concept, settings.prompt_templates),
                                               latents, self.device)
         self.rule = MomentumStop(settings.tau, settings.warmup, settings.momentum)
-        self.original = self.teacher.original_values(names)
         self.direction_losses = []
 
     def loss(self):
         l_dir = self.direction(self.student, self.frozen, self.generator, self.settings.batch_size)
         self._last_direction = l_dir.detach()
-        deltas = [p - self.original[n].to(p.device) for n, p in self.params.items()]
-        return l_dir + self.settings.l1_weight * l1_distance(deltas)
+        return l_dir + self.settings.l1_weight * l1_distance(self.weight_deltas())
 
     def after_step(self, loss):
         self.direction_losses.append(float(self._last_direction))
@@ -205,6 +201,21 @@ class CiETrainer(OverlayTrainer):
     def load_extra_state(self, state):
         self.rule.load_state_dict(state["rule"])
         self.direction_losses = list(state["direction_losses"])
+
+
+class CiETrainer(ConceptIrrelevance, OverlayTrainer):
+    """CiE over a ``LatentDiffusion`` model: the cross-attention weights (``attn2``) train in place."""
+
+    def __init__(self, model, settings, latents, device="cpu", teacher_device=None, autocast_dtype=None):
+        self.settings = settings.check()
+        names = select_unet_parameters(model.model.diffusion_model, lambda n: "attn2" in n, "CiE (attn2)",
+                                       hint="CiE trains the cross-attention layers")
+        super().__init__(model, names, settings.lr, settings.seed, device, teacher_device, autocast_dtype)
+        self.original = self.teacher.original_values(names)
+        self.init_objective(model, settings, latents)
+
+    def weight_deltas(self):
+        return [p - self.original[n].to(p.device) for n, p in self.params.items()]
 
 
 # ---- training images of the concept, drawn by the base model itself (generate-data.py) ----

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.func import functional_call
 
-from ldm.erasure.cie import ConceptDirectionLoss, MomentumStop, concept_phrasings, l1_distance
+from ldm.erasure.cie import ConceptIrrelevance
 from ldm.erasure.runs import read_term, save_term, term_files
 from ldm.erasure.trainer import ErasureTrainer
 from ldm.text_geometry import NULL_SPACE_RTOL, null_space, stacked_embeddings
@@ -151,7 +151,7 @@ def apply_terms_of(model, run_dir):
     return apply_terms(model, read_terms(run_dir))
 
 
-class SepCETrainer(ErasureTrainer):
+class SepCETrainer(ConceptIrrelevance, ErasureTrainer):
     """SepCE for one concept over a ``LatentDiffusion`` model, with ``earlier_terms`` (iterative erasure)
     folded into the model and kept fixed. Only the new term's alphas train; the student is the model
     with ``W + alpha @ (beta S^T)`` in place of each ``to_k``/``to_v``; the frozen model is the model as
@@ -175,10 +175,7 @@ class SepCETrainer(ErasureTrainer):
         alphas = {n: torch.zeros(w.shape[0], self.basis.shape[1], device=device, requires_grad=True)
                   for n, w in weights.items()}
         super().__init__(alphas, settings.lr, settings.seed, device, autocast_dtype)
-        self.direction = ConceptDirectionLoss(model, concept_phrasings(settings.concept, settings.prompt_templates),
-                                              latents, self.device)
-        self.rule = MomentumStop(settings.tau, settings.warmup, settings.momentum)
-        self.direction_losses = []
+        self.init_objective(model, settings, latents)
 
     def deltas(self):
         """The new term's change of each edited weight (differentiable in the alphas)."""
@@ -193,31 +190,12 @@ class SepCETrainer(ErasureTrainer):
         with torch.no_grad(), self.autocast():
             return self.unet(x, t, context=context).float()
 
-    def loss(self):
-        l_dir = self.direction(self.student, self.frozen, self.generator, self.settings.batch_size)
-        self._last_direction = l_dir.detach()
-        return l_dir + self.settings.l1_weight * l1_distance(list(self.deltas().values()))
-
-    def after_step(self, loss):
-        self.direction_losses.append(float(self._last_direction))
-        self.rule.update(self._last_direction)
-
-    @property
-    def stopped(self):
-        return self.rule.stopped
+    def weight_deltas(self):
+        return list(self.deltas().values())
 
     def summary(self):
-        return {"stop_iteration": self.rule.stop_iteration, "momentum_statistic": self.rule.m,
-                "null_space_dims": int(self.basis.shape[1]), "text_width": int(self.basis.shape[0]),
-                "protected_prompts": len(self.protected),
-                "direction_loss_first": self.direction_losses[0] if self.direction_losses else None}
-
-    def extra_state(self):
-        return {"rule": self.rule.state_dict(), "direction_losses": list(self.direction_losses)}
-
-    def load_extra_state(self, state):
-        self.rule.load_state_dict(state["rule"])
-        self.direction_losses = list(state["direction_losses"])
+        return {**super().summary(), "null_space_dims": int(self.basis.shape[1]),
+                "text_width": int(self.basis.shape[0]), "protected_prompts": len(self.protected)}
 
     def new_term(self):
         """The trained term: its alphas, basis and beta, with its concept and protected set."""
