@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,15 @@ def small_sd_config(text_encoder_dir):
     params.first_stage_config.params.ddconfig.update(ch=32, resolution=64)
     params.cond_stage_config.params.version = str(text_encoder_dir)
     return config
+
+
+def sd_v1_structure_model(folder):
+    """SD v1's structure (16 cross-attention layers) with a 768-wide, 77-token text encoder, random weights."""
+    (Path(folder) / "config.json").write_text(json.dumps({**SMALL_CLIP, "hidden_size": 768, "projection_dim": 768,
+                                                          "num_attention_heads": 12, "intermediate_size": 1024}))
+    config = small_sd_config(folder)
+    config.model.params.unet_config.params.context_dim = 768
+    return randomize_(instantiate_from_config(config.model)).eval()
 
 
 def randomize_(module, seed=0):

@@ -16,7 +16,7 @@ from ldm.paths import MODELS_DIR
 from ldm.text_geometry import stacked_embeddings
 from ldm.util import UsageError, instantiate_from_config
 
-from conftest import SMALL_CLIP, one_line_error, randomize_, run_script, small_sd_config
+from conftest import one_line_error, run_script, sd_v1_structure_model
 
 TINY = MODELS_DIR / "tiny-sd"
 
@@ -58,11 +58,7 @@ def test_protected_keys_and_values_are_exact_on_tiny_sd(tiny):
 
 def test_protected_keys_and_values_are_exact_in_sd_v1_structure(tmp_path):
     """SD v1's structure (16 cross-attention layers) with a 768-wide, 77-token text encoder, random weights."""
-    (tmp_path / "config.json").write_text(json.dumps({**SMALL_CLIP, "hidden_size": 768, "projection_dim": 768,
-                                                      "num_attention_heads": 12, "intermediate_size": 1024}))
-    config = small_sd_config(tmp_path)
-    config.model.params.unet_config.params.context_dim = 768
-    model = randomize_(instantiate_from_config(config.model)).eval()
+    model = sd_v1_structure_model(tmp_path)
     context = model.get_learned_conditioning(["a"])
     assert tuple(context.shape[1:]) == (77, 768)
     protected = ["", "Picasso", "Monet", "a photo of a dog"]
@@ -289,3 +285,21 @@ def test_prompt_templates_condition_the_loss_on_phrasings(tiny):
         loss(recording, recording, generator, batch_size=4)
     used = {int(torch.isclose(c, loss.concepts[1]).all()) for batch in seen for c in batch}
     assert used == {0, 1}  # both phrasings drawn
+
+
+def test_prompt_templates_flag_and_model_defaults(tmp_path, monkeypatch):
+    """--prompt_templates: 'none' is the bare concept, a config's relative path is read from the repository
+    root wherever the script runs, a missing file is a one-line error; tiny-sd's defaults name a file."""
+    from argparse import Namespace
+    from ldm.erasure.cie import CIE_ORIGINAL_DEFAULTS, fill_defaults, templates_of
+    from ldm.util import load_config
+    assert templates_of(None) is None and templates_of("none") is None and templates_of(" None ") is None
+    monkeypatch.chdir(tmp_path)
+    config = load_config(str(TINY / "config.yaml"))
+    for key in ("cie_defaults", "sepce_defaults"):
+        args = fill_defaults(Namespace(prompt_templates=None), config[key], CIE_ORIGINAL_DEFAULTS)
+        templates = templates_of(args.prompt_templates)
+        assert templates[0] == "{}" and len(templates) > 5 and all(t.count("{}") == 1 for t in templates)
+    assert fill_defaults(Namespace(prompt_templates="none"), config["cie_defaults"]).prompt_templates == "none"
+    with pytest.raises(UsageError, match="does not exist"):
+        templates_of("no/such/templates.txt")

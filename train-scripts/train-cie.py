@@ -10,8 +10,8 @@ drawn by the base model once and cached by its identity. Writes models/<run_name
 plus training.json (iterations run, the stop rule's iteration, seconds).
 """
 from ldm.cli import add_model_args, new_parser, run
-from ldm.erasure.esd import read_prompt_templates
-from ldm.erasure.cie import CiESettings, CiETrainer, add_cie_args, fill_defaults, prepare_training_latents
+from ldm.erasure.cie import CiESettings, CiETrainer, add_cie_args, fill_defaults, prepare_training_latents,
+                             templates_of)
 from ldm.erasure.runs import add_run_args, autocast_dtype, load_base, parse_devices, prepare_run_dir, train_run
 from ldm.generate import pixel_size
 from ldm.util import load_config
@@ -33,7 +33,7 @@ def main():
     settings = CiESettings(concept=args.prompt, data=data, iterations=args.iterations, lr=args.lr,
                            l1_weight=args.l1_weight, tau=args.tau, warmup=args.warmup, batch_size=args.batch_size,
                            seed=args.seed,
-                           prompt_templates=read_prompt_templates(args.prompt_templates) if args.prompt_templates else None)
+                           prompt_templates=templates_of(args.prompt_templates))
     trainer = CiETrainer(loaded.model, settings, latents, devices[0], devices[1] if len(devices) == 2 else None,
                          autocast_dtype(args.mixed_precision, devices[0]))
     image_size = pixel_size(loaded.model)

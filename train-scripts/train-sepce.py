@@ -12,8 +12,8 @@ erased concept (with --on, the earlier run's terms, unchanged), config.yaml, los
 training.json (null-space dimension, stop iteration, seconds) and diffusers/ (terms folded in).
 """
 from ldm.cli import add_model_args, new_parser, run
-from ldm.erasure.esd import read_prompt_templates
-from ldm.erasure.cie import CIE_ORIGINAL_DEFAULTS, add_cie_args, fill_defaults, prepare_training_latents
+from ldm.erasure.cie import (CIE_ORIGINAL_DEFAULTS, add_cie_args, fill_defaults, prepare_training_latents,
+                             templates_of)
 from ldm.erasure.runs import (add_run_args, autocast_dtype, load_base, parse_devices, prepare_run_dir, run_base_args,
                               train_run)
 from ldm.erasure.sepce import (SEPCE_ORIGINAL_DEFAULTS, SepCESettings, SepCETrainer, default_keep, protected_set,
@@ -49,7 +49,7 @@ def main():
                              beta=args.beta, rtol=args.rtol, iterations=args.iterations, lr=args.lr,
                              l1_weight=args.l1_weight, tau=args.tau, warmup=args.warmup, batch_size=args.batch_size,
                              seed=args.seed,
-                           prompt_templates=read_prompt_templates(args.prompt_templates) if args.prompt_templates else None).check()
+                           prompt_templates=templates_of(args.prompt_templates)).check()
     prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite, check_only=True)
 
     loaded = load_base(args, devices[0])

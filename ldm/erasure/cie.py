@@ -29,7 +29,7 @@ from ldm.util import UsageError, atomic_to_csv
 
 # The public code's defaults (SD v1); a model config may carry its own (``cie_defaults:``).
 CIE_ORIGINAL_DEFAULTS = {"iterations": 1000, "lr": 1e-6, "l1_weight": 1e-5, "tau": 1e-4, "num_images": 64,
-                         "batch_size": 1}
+                         "batch_size": 1, "prompt_templates": None, "warmup": 10}
 CONCEPT_DATA_DIR = REPO_ROOT / "outputs" / "concept-data"
 
 
@@ -54,13 +54,28 @@ def add_cie_args(parser):
     parser.add_argument("--tau", type=float, help="stop when the momentum statistic falls below this (default 1e-4, "
                                                   "or cie_defaults; negative: once the edited direction points "
                                                   "against the frozen one; write --tau=-2e-4)")
-    parser.add_argument("--warmup", type=int, default=10, help="iterations before the stop rule applies")
+    parser.add_argument("--warmup", type=int, help="iterations before the stop rule applies (default 10, or the "
+                                                     "model config's defaults)")
     parser.add_argument("--batch_size", type=int, help="training latents per iteration (default 1, or cie_defaults)")
     from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES
     parser.add_argument("--prompt_templates", nargs="?", const=str(DEFAULT_PROMPT_TEMPLATES), metavar="FILE",
                         help="condition the loss on phrasings of the concept, one template a line with {} (bare "
-                             "flag: data/esd-prompt-templates.txt); default: the bare concept, as the paper")
+                             "flag: data/esd-prompt-templates.txt; 'none': the bare concept, as the paper); "
+                             "default: the model config's cie_defaults/sepce_defaults, else the bare concept")
     return parser
+
+
+def templates_of(flag):
+    """The phrasing templates a ``--prompt_templates`` value names: None or 'none' for the bare concept,
+    else a template file (a relative path not found from here is read from the repository root, as
+    model configs name it)."""
+    if flag is None or str(flag).strip().lower() == "none":
+        return None
+    from ldm.erasure.esd import read_prompt_templates
+    path = Path(flag)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    return read_prompt_templates(path)
 
 
 @dataclass

@@ -12,6 +12,7 @@ around its method's trainer (``add_run_args``, ``start_run``, ``finish_run``).
 
 The edit is applied by the method the run records (``EDITS``); nothing else loads runs.
 """
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -146,6 +147,7 @@ EDITS = {
     "esd": "ldm.erasure.runs.apply_trained_params_of",
     "cie": "ldm.erasure.runs.apply_trained_params_of",
     "sepce": "ldm.erasure.sepce.apply_terms_of",
+    "cpe": "ldm.erasure.cpe.apply_resags_of",
 }
 
 
@@ -375,7 +377,7 @@ def train_run(trainer, name, method, args, config, iterations, title, words, ima
                "training_seconds_this_process": round(seconds, 2), **trainer.summary()}
     atomic_write_text(run_dir / "training.json", json.dumps(summary, indent=2))
     model = trainer.edited_model().eval()
-    save_before_after_grid(model, trainer.base_values(), comparison_prompts(words), run_dir / "samples.png",
+    save_before_after_grid(model, trainer.without_edit, comparison_prompts(words), run_dir / "samples.png",
                            image_size=image_size)
     if args.save_compvis:
         export_checkpoint(model, run_dir / "model.ckpt", half=False)
@@ -411,24 +413,20 @@ def comparison_prompts(words, others=3):
 
 
 @torch.no_grad()
-def save_before_after_grid(model, original_params, prompts, path, seeds=(0, 1), **generate_kwargs):
+def save_before_after_grid(model, without_edit, prompts, path, seeds=(0, 1), **generate_kwargs):
     """A grid of ``prompts`` (rows) for the base and the edited model (columns, per seed).
 
-    ``original_params``: the base values of the edited UNet parameters, swapped in for the "before"
-    images and swapped back afterwards, so a single model serves both.
+    ``without_edit``: a context manager (``ErasureTrainer.without_edit``) within which ``model`` draws as
+    the base model, so a single model serves both.
     """
     from ldm.generate import generate_grid
     from ldm.plots import save_image_grid
-    unet = model.model.diffusion_model
-    params = dict(unet.named_parameters())
-    edited = {n: params[n].detach().clone() for n in original_params}
     columns = []
-    for label, values in (("before", original_params), ("after", edited)):
-        for name, value in values.items():
-            params[name].copy_(value)
-        for seed in seeds:
-            images = generate_grid(model, [[p] for p in prompts], seed=seed * 1000, **generate_kwargs)
-            columns.append((f"{label} (seed {seed})", images[:, 0]))
+    for label in ("before", "after"):
+        with (without_edit() if label == "before" else contextlib.nullcontext()):
+            for seed in seeds:
+                images = generate_grid(model, [[p] for p in prompts], seed=seed * 1000, **generate_kwargs)
+                columns.append((f"{label} (seed {seed})", images[:, 0]))
     images = torch.stack([torch.from_numpy(c[1]) for c in columns], dim=1).numpy()
     return save_image_grid(images, path, row_labels=list(prompts), col_labels=[c[0] for c in columns],
                            title="before / after erasure")

@@ -5,6 +5,7 @@ A method subclasses ``ErasureTrainer`` and writes ``loss()`` (one iteration's lo
 ``edit_state()`` (what its run folder stores); ``step()``, ``state_dict()`` and ``load_state_dict()``
 are shared, so every method resumes bit-identically after a kill.
 """
+import contextlib
 import copy
 
 import torch
@@ -144,6 +145,23 @@ class ErasureTrainer:
     def base_values(self):
         """The base values of the UNet parameters the edit changes (name -> tensor)."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def without_edit(self):
+        """Within this block ``edited_model()`` draws as the base model (the before/after grid): the
+        edited parameters hold their base values, and their edited ones again afterwards."""
+        params = dict(self.edited_model().model.diffusion_model.named_parameters())
+        base = self.base_values()
+        edited = {n: params[n].detach().clone() for n in base}
+        with torch.no_grad():
+            for name, value in base.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in edited.items():
+                    params[name].copy_(value)
 
     def extra_state(self):
         """A method's own resumable state (tensors and plain values only)."""

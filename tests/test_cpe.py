@@ -1,0 +1,232 @@
+"""CPE: ResAG shapes and zero-init identity (tiny-sd and SD v1 structure, 77 x 768 contexts), gate selection
+across concepts, one residual per prompt, training on projections only (no UNet), exact resume, the diffusers
+adapter's parity with our ldm, restore, and one-line bad input."""
+import pytest
+import torch
+
+from ldm.erasure.cpe import (CPESettings, CPETrainer, ResAG, ResAGHooks, apply_resags, apply_to_diffusers,
+                             choose_anchors, gated_projections, read_resags, select_by_gate)
+from ldm.erasure.runs import save_term
+from ldm.util import UsageError
+
+from conftest import TINY, one_line_error, run_script, sd_v1_structure_model
+
+
+def new_resag(model, concept="Van Gogh", rank=1, gate_rank=16, trained=False, seed=0):
+    """A ResAG for ``model``; ``trained`` fills B and v with random values so that it changes something."""
+    layers = gated_projections(model.model.diffusion_model)
+    width = next(iter(layers.values())).in_features
+    generator = torch.Generator().manual_seed(seed)
+    resag = ResAG.new(concept, layers, width, rank, gate_rank, 1.0, generator)
+    if trained:
+        for key, tensor in resag.tensors.items():
+            if key == "v" or key.startswith("B."):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+            if key in ("U1", "U2"):
+                tensor.mul_(width)
+    return resag
+
+
+def projections(model, prompts):
+    """``{layer: to_k/to_v output}`` of ``prompts`` through the model's (possibly wrapped) projections."""
+    context = model.get_learned_conditioning(prompts)
+    with torch.no_grad():
+        return {n: m(context) for n, m in gated_projections(model.model.diffusion_model).items()}
+
+
+def settings(**changes):
+    values = dict(concepts=["Van Gogh"], anchors=[["Seurat", "a photo"]], neutral="", templates=["{}", "a photo of {}"],
+                  stages=2, iterations=3, first_stage_factor=2, adv_embeddings=2, anchor_batch=4, lr=1e-3)
+    return CPESettings(**{**values, **changes})
+
+
+def test_untrained_resag_changes_nothing_and_has_the_papers_shapes(tiny):
+    base = projections(tiny, ["Van Gogh", ""])
+    resag = new_resag(tiny)
+    hooks = apply_resags(tiny, [resag])
+    try:
+        wrapped = projections(tiny, ["Van Gogh", ""])
+        assert all(torch.equal(base[n], wrapped[n]) for n in base)
+        assert resag.tensors["U1"].shape == resag.tensors["U2"].shape == (256, 16)
+        assert resag.tensors["v"].shape == (256,)
+        name = next(iter(hooks.layers))
+        assert resag.tensors[f"A.{name}"].shape == (256, 1)
+        assert resag.tensors[f"B.{name}"].shape == (1, hooks.layers[name].out_features)
+    finally:
+        hooks.remove()
+
+
+def test_sd_v1_structure_shapes_identity_and_one_residual_per_prompt(tmp_path):
+    from ldm.generate import generate_grid
+    model = sd_v1_structure_model(tmp_path)
+    layers = gated_projections(model.model.diffusion_model)
+    assert len(layers) == 32 and all(m.in_features == 768 for m in layers.values())  # 16 attn2 x (to_k, to_v)
+    context = model.get_learned_conditioning(["a photo of a dog"])
+    assert tuple(context.shape[1:]) == (77, 768)
+    resag = new_resag(model, rank=4, gate_rank=64)
+    assert resag.tensors["U1"].shape == (768, 64)
+    base = projections(model, ["a photo of a dog"])
+    hooks = apply_resags(model, [resag])
+    assert all(torch.equal(base[n], w) for n, w in projections(model, ["a photo of a dog"]).items())
+    hooks.remove()
+    hooks = apply_resags(model, [new_resag(model, trained=True)])
+    moved = projections(model, ["a photo of a dog"])
+    assert max((moved[n] - base[n]).abs().max() for n in base) > 1e-3
+    hooks.computations = 0
+    generate_grid(model, [["a photo of a dog"], ["a cat"]], seed=0, ddim_steps=4)
+    assert hooks.computations == 1  # 4 steps, 32 layers, classifier-free guidance: one gate computation
+    hooks.remove()
+
+
+def test_each_token_takes_the_concept_with_the_highest_gate():
+    gates = torch.tensor([[[0.9, 0.1, 0.5]], [[0.2, 0.8, 0.6]]])  # (concepts, batch, tokens)
+    residuals = torch.stack([torch.full((1, 3, 2), 1.0), torch.full((1, 3, 2), 2.0)])
+    chosen = select_by_gate(gates, residuals)
+    assert chosen[0, :, 0].tolist() == [1.0, 2.0, 2.0]
+
+
+def test_two_concepts_wrap_by_gate_and_each_alone_matches(tiny):
+    a, b = new_resag(tiny, "Van Gogh", trained=True, seed=1), new_resag(tiny, "moon", trained=True, seed=2)
+    context = tiny.get_learned_conditioning(["Van Gogh", "a red moon"])
+    (ga, gate_a), (gb, gate_b) = a.gate(context), b.gate(context)
+    name = next(iter(gated_projections(tiny.model.diffusion_model)))
+    expected = torch.where((gate_a >= gate_b)[..., None], a.residual(ga, name), b.residual(gb, name))
+    hooks = ResAGHooks(gated_projections(tiny.model.diffusion_model), [a, b])
+    try:
+        assert torch.allclose(hooks.residual_of(context)[name], expected, atol=1e-6)
+        assert (gate_a > gate_b).any() and (gate_b > gate_a).any()  # both concepts are chosen somewhere
+    finally:
+        hooks.remove()
+
+
+def test_training_uses_projections_only_trains_u2_and_keeps_anchors(tiny):
+    unet_calls = []
+    handle = tiny.model.diffusion_model.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    try:
+        trainer = CPETrainer(tiny, settings(adv_embeddings=0, stages=1, iterations=20, first_stage_factor=1,
+                                            anchor_weight=1e4), progress=False)
+        start = {k: v.detach().clone() for k, v in trainer.params.items()}
+        for _ in range(20):
+            trainer.step()
+    finally:
+        handle.remove()
+    assert not unet_calls  # no UNet forward in training
+    assert not torch.equal(start["0.U2"], trainer.params["0.U2"])  # K = E U2 (the public code never trains U2)
+    assert any(not torch.equal(start[k], v) for k, v in trainer.params.items() if ".B." in k)
+    model = trainer.edited_model()
+    name = next(iter(trainer.layers))
+    after = projections(model, ["Van Gogh", "Seurat"])
+    with trainer.without_edit():
+        before = projections(model, ["Van Gogh", "Seurat"])
+    moved = (after[name][0] - before[name][0]).norm()
+    kept = (after[name][1] - before[name][1]).norm()
+    assert moved > 3 * kept, (moved, kept)
+
+
+def test_resume_gives_the_same_resags_across_an_adversarial_stage(tiny):
+    whole = CPETrainer(tiny, settings(), progress=False)
+    for _ in range(9):  # stage 0: 6 iterations, then adversarial embeddings, then stage 1: 3
+        whole.step()
+    part = CPETrainer(tiny, settings(), progress=False)
+    for _ in range(7):
+        part.step()
+    state = part.state_dict()
+    resumed = CPETrainer(tiny, settings(), progress=False)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        resumed.step()
+    assert len(whole.deltas[0]) == 2
+    assert all(torch.equal(whole.params[k], resumed.params[k]) for k in whole.params)
+
+
+def test_settings_refuse_bad_input():
+    with pytest.raises(UsageError, match="include 'van gogh' itself"):
+        settings(anchors=[["Seurat", "van gogh"]]).check()
+    with pytest.raises(UsageError, match="must be >= 1"):
+        settings(rank=0).check()
+    with pytest.raises(UsageError, match="must be >= 1"):
+        settings(gate_rank=0).check()
+
+
+def test_default_anchors_are_generic_words_and_the_nearest_concepts(tiny):
+    anchors = choose_anchors(tiny, "Van Gogh", words=["a photo", "art by Van Gogh"], nearest=3)
+    assert anchors[0] == "a photo" and len(anchors) == 4 and "art by Van Gogh" not in anchors
+    assert all("Van Gogh" not in a for a in anchors)
+    assert choose_anchors(tiny, "Van Gogh", anchors=["x", " y ", "x"]) == ["x", "y"]
+
+
+def test_diffusers_adapter_matches_our_ldm(tiny, tmp_path):
+    """The same ResAG on a converted StableDiffusionPipeline and on our ldm: the same latents within 1e-4."""
+    from omegaconf import OmegaConf
+
+    from ldm.convert import to_diffusers_pipeline
+    resag = new_resag(tiny, trained=True, seed=3)
+    save_term(tmp_path, resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})
+    pipe = to_diffusers_pipeline(tiny, OmegaConf.load(TINY / "config.yaml"))
+    context = tiny.get_learned_conditioning(["a red moon in the style of Van Gogh"])
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        base = pipe.unet(x, t, encoder_hidden_states=context).sample
+        theirs_hooks = apply_to_diffusers(pipe, tmp_path)
+        theirs = pipe.unet(x, t, encoder_hidden_states=context).sample
+        ours_hooks = apply_resags(tiny, read_resags(tmp_path))
+        ours = tiny.apply_model(x, t, context)
+    theirs_hooks.remove(), ours_hooks.remove()
+    assert (theirs - base).abs().max() > 1e-3  # the ResAG changes the prediction
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_a_resag_of_another_text_width_is_one_line(tiny, tmp_path):
+    from ldm.erasure.cpe import apply_resags_of
+    resag = new_resag(tiny)
+    resag.tensors["U1"] = torch.zeros(768, 16)
+    save_term(tmp_path, resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})
+    with pytest.raises(UsageError, match="768-wide text encoder; this model's is 256-wide"):
+        apply_resags_of(tiny, tmp_path)
+
+
+FAST = ["--iterations", 2, "--stages", 2, "--first_stage_factor", 1, "--adv_embeddings", 2, "--devices", "cpu",
+        "--no_diffusers"]
+
+
+@pytest.mark.slow
+def test_train_two_concepts_restore_one_then_the_last_gives_the_base(tmp_path):
+    from ldm.loading import load_model
+    two, one, none = tmp_path / "two", tmp_path / "one", tmp_path / "none"
+    done = run_script("train-scripts/train-cpe.py", "--prompt", "Van Gogh,moon", "--seperator", ",", *FAST,
+                      "--run_name", two)
+    assert done.returncode == 0, done.stderr
+    assert [r.concept for r in read_resags(two)] == ["moon", "Van Gogh"]
+    assert run_script("train-scripts/restore-concept.py", "--model_name", two, "--concept", "moon", "--run_name",
+                      one).returncode == 0
+    assert [r.concept for r in read_resags(one)] == ["Van Gogh"]
+    assert load_model(str(one)).model.resag_hooks is not None
+    assert run_script("train-scripts/restore-concept.py", "--model_name", one, "--concept", "Van Gogh", "--run_name",
+                      none).returncode == 0
+    restored = load_model(str(none)).model
+    assert getattr(restored, "resag_hooks", None) is None
+    base = load_model("tiny-sd").model
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), base.state_dict().values()))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prompt", "Van Gogh", "--anchors", "Seurat,Van Gogh"], "itself"),
+    (["--prompt", "Van Gogh", "--rank", "0"], "must be >= 1"),
+    (["--prompt", "Van Gogh", "--gate_rank", "0"], "must be >= 1"),
+    (["--prompt", "Van Gogh", "--anchor_vocab", "no/such/file.txt"], "does not exist"),
+])
+def test_bad_input_is_one_line(flags, message, tmp_path):
+    line = one_line_error(run_script("train-scripts/train-cpe.py", *flags, "--run_name", tmp_path / "run",
+                                     "--devices", "cpu"))
+    assert message in line, line
+
+
+def test_restoring_a_concept_not_in_the_run_is_one_line(tiny, tmp_path):
+    from ldm.erasure.runs import restore_concept
+    resag = new_resag(tiny)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_term(run, resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})
+    with pytest.raises(UsageError, match="not erased by run"):
+        restore_concept(run, "moon", "new", root=tmp_path)
