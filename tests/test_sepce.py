@@ -303,3 +303,17 @@ def test_prompt_templates_flag_and_model_defaults(tmp_path, monkeypatch):
     assert fill_defaults(Namespace(prompt_templates="none"), config["cie_defaults"]).prompt_templates == "none"
     with pytest.raises(UsageError, match="does not exist"):
         templates_of("no/such/templates.txt")
+
+
+def test_direction_by_timestep_compares_edited_and_frozen_directions(tiny, tiny_state):
+    """The unedited model's direction is the frozen one (cosine 1, nothing moved); a SepCE term moves the
+    conditional prediction and never the unconditional one."""
+    from ldm.erasure.cie import direction_by_timestep
+    latents = training_latents(tiny)[:2]
+    same = direction_by_timestep(tiny, tiny, latents, "Van Gogh", timesteps=(900, 100))
+    assert (same.cosine > 0.9999).all() and (same.conditional_moved == 0).all() and len(same) == 2
+    edited = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+    edited.load_state_dict(tiny_state)
+    apply_terms(edited.eval(), [random_term(edited, "Van Gogh", ["", "Seurat"], scale=0.5)])
+    table = direction_by_timestep(tiny, edited, latents, "Van Gogh", timesteps=(900,))
+    assert table.conditional_moved[0] > 1e-3 and table.unconditional_moved[0] < 1e-3 * table.conditional_moved[0]

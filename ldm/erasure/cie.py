@@ -233,6 +233,30 @@ class CiETrainer(ConceptIrrelevance, OverlayTrainer):
         return [p - self.original[n].to(p.device) for n, p in self.params.items()]
 
 
+@torch.no_grad()
+def direction_by_timestep(base, edited, latents, concept, timesteps=(900, 600, 300, 100), seed=0):
+    """Per timestep, on ``latents`` of the concept's images noised at ``t``: the norm of the frozen concept
+    direction ``r* = eps(c) - eps("")``, of the edited one ``r``, their cosine, and how far the edited
+    model moved its conditional and unconditional predictions. CiE's loss ``mean(r r*)`` is an average
+    over ``t``; this shows where the edit turned the direction and where it did not."""
+    rows = []
+    generator = torch.Generator().manual_seed(seed)
+    n = len(latents)
+    contexts = base.get_learned_conditioning([concept] * n + [""] * n)
+    for t_value in timesteps:
+        t = torch.full((n,), int(t_value), dtype=torch.long)
+        z_t = base.q_sample(latents, t, torch.randn(latents.shape, generator=generator))
+        x, tt = torch.cat([z_t, z_t]), torch.cat([t, t])
+        base_c, base_u = base.apply_model(x, tt, contexts).float().chunk(2)
+        edited_c, edited_u = edited.apply_model(x, tt, contexts).float().chunk(2)
+        r_star, r = base_c - base_u, edited_c - edited_u
+        rows.append({"t": int(t_value), "frozen_direction_norm": float(r_star.norm()), "edited_direction_norm": float(r.norm()),
+                     "cosine": float(torch.nn.functional.cosine_similarity(r.flatten(), r_star.flatten(), dim=0)),
+                     "conditional_moved": float((edited_c - base_c).norm()),
+                     "unconditional_moved": float((edited_u - base_u).norm()), "latents": n})
+    return pd.DataFrame(rows)
+
+
 # ---- training images of the concept, drawn by the base model itself (generate-data.py) ----
 
 def concept_prompt_table(prompt, seed=0):
