@@ -10,7 +10,7 @@ drawn by the base model once and cached by its identity. Writes models/<run_name
 plus training.json (iterations run, the stop rule's iteration, seconds).
 """
 from ldm.cli import add_model_args, new_parser, run
-from ldm.erasure.cie import CiESettings, CiETrainer, add_cie_args, fill_defaults, prepare_training_latents,
+from ldm.erasure.cie import (CiESettings, CiETrainer, add_cie_args, fill_defaults, prepare_training_latents,
                              templates_of)
 from ldm.erasure.runs import add_run_args, autocast_dtype, load_base, parse_devices, prepare_run_dir, train_run
 from ldm.generate import pixel_size
