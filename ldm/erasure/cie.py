@@ -72,10 +72,8 @@ def templates_of(flag):
     if flag is None or str(flag).strip().lower() == "none":
         return None
     from ldm.erasure.esd import read_prompt_templates
-    path = Path(flag)
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path
-    return read_prompt_templates(path)
+    from ldm.paths import resolve_path
+    return read_prompt_templates(resolve_path(flag))
 
 
 @dataclass

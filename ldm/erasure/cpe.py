@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ldm.erasure.runs import read_term, save_term, term_files
 from ldm.erasure.trainer import ErasureTrainer
-from ldm.paths import REPO_ROOT
+from ldm.paths import REPO_ROOT, resolve_path
 from ldm.util import UsageError
 
 DEFAULT_ANCHOR_WORDS = REPO_ROOT / "data" / "cpe-anchor-words.txt"
@@ -120,9 +120,6 @@ class ResAG:
     def residual(self, gated, layer):
         return layer_residual(gated, self.tensors[f"A.{layer}"], self.tensors[f"B.{layer}"], self.scale)
 
-    def parameters(self):
-        return list(self.tensors.values())
-
 
 def residuals(resags, E, layers):
     """``{layer: residual}`` of several concepts' ResAGs on ``E``, each token taking the concept with the
@@ -144,6 +141,7 @@ class ResAGHooks:
         for resag in self.resags:
             check_compatible(resag, self.layers)
         self.computations, self._context, self._residuals = 0, None, {}
+        self._input, self._input_version = None, None
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.layers.items()]
 
     def _hook(self, name):
@@ -153,8 +151,11 @@ class ResAGHooks:
 
     @torch.no_grad()
     def residual_of(self, context):
+        if context is self._input and context._version == self._input_version:
+            return self._residuals  # every wrapped layer of one UNet call sees the same, unchanged tensor
         same = (self._context is not None and self._context.shape == context.shape
                 and self._context.device == context.device and torch.equal(self._context, context))
+        self._input, self._input_version = context, context._version
         if not same:
             self._context = context.detach().clone()
             self._residuals = residuals(self.resags, context.float(), self.layers)
@@ -191,15 +192,19 @@ def read_resags(run_dir):
     return resags
 
 
+def move_to(resags, device):
+    """Put every ResAG's tensors on ``device`` in float32 (the projections' inputs are cast to it too)."""
+    for resag in resags:
+        resag.tensors = {k: v.float().to(device) for k, v in resag.tensors.items()}
+
+
 def apply_resags(model, resags):
     """Wrap ``model``'s UNet with ``resags``; returns the hooks (``model.resag_hooks`` too)."""
     unet = model.model.diffusion_model
     old = getattr(model, "resag_hooks", None)
     if old is not None:
         old.remove()
-    device = next(unet.parameters()).device
-    for resag in resags:
-        resag.tensors = {k: v.float().to(device) for k, v in resag.tensors.items()}
+    move_to(resags, next(unet.parameters()).device)
     model.resag_hooks = ResAGHooks(gated_projections(unet), resags) if resags else None
     return model.resag_hooks
 
@@ -236,9 +241,7 @@ def apply_to_diffusers(pipeline, run_dir):
     if len(ours) != len(theirs):
         raise UsageError(f"run '{Path(run_dir).name}' wraps {len(ours)} projections; this UNet has {len(theirs)} "
                          "cross-attention to_k/to_v: it is not the run's base model")
-    device = next(unet.parameters()).device
-    for resag in resags:
-        resag.tensors = {k: v.float().to(device) for k, v in resag.tensors.items()}
+    move_to(resags, next(unet.parameters()).device)
     return ResAGHooks({name: module for name, (_, module) in zip(ours, theirs)}, resags)
 
 
@@ -263,9 +266,7 @@ def lipschitz_weights(unet, layers, tokens):
 
 def read_words(path):
     """Words or prompts from a text file, one a line; blank lines and ``#`` comments skipped."""
-    path = Path(path)
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
+    path = resolve_path(path)
     if not path.is_file():
         raise UsageError(f"'{path}' does not exist; give a text file with one entry a line")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
@@ -402,18 +403,16 @@ class CPETrainer(ErasureTrainer):
         super().__init__(params, settings.lr, settings.seed, device)
         self.tokens = model.cond_stage_model.max_length
         self.lipschitz = lipschitz_weights(self.unet, self.layers, self.tokens)
-        self.encode = self._encoder()
         self.empty = self.encode([""])
         self.deltas = [torch.zeros(0, self.tokens, width, device=device) for _ in self.resags]
         self.anchor_cache, self.prompt_cache = {}, {}
         self._optimizer_for = None
 
-    def _encoder(self):
-        @torch.no_grad()
-        def encode(prompts, batch=64):
-            return torch.cat([self.model.get_learned_conditioning(list(prompts[i:i + batch])).float()
-                              for i in range(0, len(prompts), batch)]).to(self.device)
-        return encode
+    @torch.no_grad()
+    def encode(self, prompts, batch=64):
+        """Text embeddings of ``prompts`` (float32, on the trainer's device), in batches."""
+        return torch.cat([self.model.get_learned_conditioning(list(prompts[i:i + batch])).float()
+                          for i in range(0, len(prompts), batch)]).to(self.device)
 
     # -- projections --
     def base_projection(self, E):
