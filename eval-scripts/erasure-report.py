@@ -21,7 +21,7 @@ import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.data.prompt_sets import all_concepts, attribute_erasure_prompts, concept_filename
-from ldm.erasure.report import (attribute_erasure_summary, comparison_rows, erasure_summary, format_summary,
+from ldm.erasure.report import (attribute_erasure_summary, bars_for, comparison_rows, erasure_summary, format_summary,
                                 per_concept_accuracy, stack_pairs)
 from ldm.evaluation import classify_folder, read_images
 from ldm.evaluator import check_autoencoder, load_evaluator
@@ -102,8 +102,9 @@ def main():
     base, edited = results[args.base_model][0], results[args.model_name][0]
     identities = {"base": results[args.base_model][1], "edited": results[args.model_name][1]}
 
-    summary = (attribute_erasure_summary(concept, erase_from, base, edited, prompts) if erase_from
-               else erasure_summary(concept, base, edited, prompts))
+    bars = bars_for(run_args.get("method"))  # the bars of the run's method, as its issue set them
+    summary = (attribute_erasure_summary(concept, erase_from, base, edited, prompts, bars=bars) if erase_from
+               else erasure_summary(concept, base, edited, prompts, bars=bars))
     for role, identity in identities.items():  # every figure says which weights made it
         summary[f"{role}_sha256"] = identity["sha256"][:12]
     per_concept = per_concept_accuracy(base, prompts).merge(

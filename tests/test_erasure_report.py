@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.data.prompt_sets import attribute_erasure_prompts, concept_prompts
-from ldm.erasure.report import attribute_erasure_summary, erasure_summary, format_summary, per_concept_accuracy
+from ldm.erasure.report import attribute_erasure_summary, bars_for, erasure_summary, format_summary, per_concept_accuracy
 from ldm.evaluation import wilson_interval
 from ldm.paths import REPO_ROOT
 
@@ -64,6 +64,20 @@ def test_intervals_cover_the_estimate_and_undecided_verdicts_are_said():
     assert (table.change_low <= table.change_points + 1e-9).all() and (table.change_points <= table.change_high + 1e-9).all()
     row = table.set_index("measure").loc["'circle' found, combined"]
     assert row.verdict == "not met" and row.edited > 0.8
+
+
+def test_each_method_is_judged_against_its_own_bars():
+    prompts = concept_prompts("circle")
+    base = predictions(prompts, samples=10)
+    # 'star' lost in 3 of its 10 samples of every prompt: about -4 points over the 7 other objects
+    edited = predictions(prompts, samples=10, wrong_object=lambda obj, row, sample: obj == "star" and sample < 3)
+    verdicts = {method: erasure_summary("circle", base, edited, prompts, bootstrap=200, bars=bars_for(method))
+                .set_index("measure").loc["other objects (mean of 7)"] for method in ("esd", "sepce", "cpe")}
+    assert verdicts["esd"].bar == 5 and verdicts["esd"].verdict == "met"  # -4.3 within ESD's 5 points
+    assert verdicts["sepce"].bar == 2 and verdicts["sepce"].verdict == "not met"
+    assert verdicts["cpe"].bar == 3 and bars_for("cpe")["other attributes"] == 2
+    assert "| drop <= 2 | not met |" in format_summary(erasure_summary("circle", base, edited, prompts, bootstrap=200,
+                                                                       bars=bars_for("sepce")))
 
 
 @pytest.mark.parametrize("concept, erase_from", [("Van Gogh", "heart"), ("red", "Seurat"), ("moon", "blue")])

@@ -23,7 +23,16 @@ def per_concept_accuracy(results, prompts):
         columns={"truth": "concept", "correct": "accuracy"})
 
 
-BARS = {"efficacy": 0.10, "same attribute": 5.0, "kept elsewhere": 5.0, "other attributes": 3.0}  # found <= 10%; drops in points
+# Each method's bars, as its issue set them: the erased concept found in at most 10% of images; drops in
+# points for the other values of its attribute ("same attribute") and the other attributes.
+BARS = {"efficacy": 0.10, "same attribute": 5.0, "kept elsewhere": 5.0, "other attributes": 3.0}  # ESD
+METHOD_BARS = {"cie": {**BARS, "same attribute": 2.0}, "sepce": {**BARS, "same attribute": 2.0},
+               "cpe": {**BARS, "same attribute": 3.0, "other attributes": 2.0}}
+
+
+def bars_for(method):
+    """The bars a run of ``method`` is judged against (ESD's for ESD and any method without its own)."""
+    return METHOD_BARS.get(method, BARS)
 
 
 def paired_table(base_results, edited_results, prompts):
@@ -95,16 +104,18 @@ def _summary_row(group, measure, subset, bootstrap, rng, mean_over_truth=False):
             "change_points": (edited - base) * 100, "change_low": low, "change_high": high}
 
 
-def _summary(specs, bootstrap, seed):
-    """Rows for (group, measure, subset, mean_over_truth) specs, empty subsets skipped, with verdicts."""
+def _summary(specs, bootstrap, seed, bars):
+    """Rows for (group, measure, subset, mean_over_truth) specs, empty subsets skipped, with each row's
+    bar (from ``bars``, by group) and verdict."""
     rng = np.random.default_rng(seed)
     summary = pd.DataFrame([_summary_row(group, measure, subset, bootstrap, rng, mean_over_truth)
                             for group, measure, subset, mean_over_truth in specs if not subset.empty])
+    summary["bar"] = summary["group"].map(bars)
     summary["verdict"] = [verdict(row) for row in summary.itertuples(index=False)]
     return summary
 
 
-def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=1000, seed=0):
+def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=1000, seed=0, bars=BARS):
     """The report's rows, each with its image count, base and edited accuracy (Wilson 95% intervals), the
     change in points (95% interval by bootstrapping prompts) and a verdict against its bar.
 
@@ -133,7 +144,7 @@ def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=10
     for head in HEADS:
         if head != attribute:
             specs.append(("other attributes", f"{head} (mean over values)", without[without.attribute == head], True))
-    return _summary(specs, bootstrap, seed)
+    return _summary(specs, bootstrap, seed, bars)
 
 
 def found_table(base_results, edited_results, prompts, concept):
@@ -149,7 +160,8 @@ def found_table(base_results, edited_results, prompts, concept):
     return table
 
 
-def attribute_erasure_summary(concept, erase_from, base_results, edited_results, prompts, bootstrap=1000, seed=0):
+def attribute_erasure_summary(concept, erase_from, base_results, edited_results, prompts, bootstrap=1000, seed=0,
+                              bars=BARS):
     """The report of ``--prompt concept --erase_from erase_from`` on ``attribute_erasure_prompts`` sets:
 
     - efficacy: how often ``concept`` is drawn on prompts with ``erase_from`` (set ``from``: its attribute
@@ -169,18 +181,17 @@ def attribute_erasure_summary(concept, erase_from, base_results, edited_results,
               for name in ("elsewhere", "elsewhere_named")]
     specs.append(("other attributes", f"{b_attribute} '{erase_from}' on its prompts", on_b, False))
     specs.append(("other attributes", f"{third} (mean over values)", table[table.attribute == third], True))
-    return _summary(specs, bootstrap, seed)
+    return _summary(specs, bootstrap, seed, bars)
 
 
 def verdict(row):
     """'met' or 'not met' where the 95% interval is wholly on one side of the row's bar, 'undecided'
     where it straddles it; '' for rows without a bar (single values of the erased attribute)."""
+    bar = row.bar
     if row.group == "efficacy":
-        bar = BARS["efficacy"]
         return "met" if row.edited_high <= bar else "not met" if row.edited_low > bar else "undecided"
     if row.group == "same attribute" and not row.measure.startswith("other "):
         return ""
-    bar = BARS[row.group]
     return "met" if row.change_low >= -bar else "not met" if row.change_high < -bar else "undecided"
 
 
@@ -195,11 +206,10 @@ def comparison_rows(prompts, per_set=3):
 
 def format_summary(table):
     """The summary as a Markdown table (percentages with 95% intervals), as the README shows it."""
-    bars = {group: f"found <= {bar:.0%}" if group == "efficacy" else f"drop <= {bar:g}" for group, bar in BARS.items()}
     lines = ["| measure | prompts | images | base | edited | change (points) | bar | verdict |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for row in table.itertuples(index=False):
-        bar = bars[row.group] if row.verdict else ""
+        bar = "" if not row.verdict else f"found <= {row.bar:.0%}" if row.group == "efficacy" else f"drop <= {row.bar:g}"
         lines.append(f"| {row.measure} | {row.prompts} | {row.images} | {100 * row.base:.1f}% "
                      f"[{100 * row.base_low:.0f}, {100 * row.base_high:.0f}] | {100 * row.edited:.1f}% "
                      f"[{100 * row.edited_low:.0f}, {100 * row.edited_high:.0f}] | {row.change_points:+.1f} "
