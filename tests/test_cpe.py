@@ -230,3 +230,21 @@ def test_restoring_a_concept_not_in_the_run_is_one_line(tiny, tmp_path):
     save_term(run, resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})
     with pytest.raises(UsageError, match="not erased by run"):
         restore_concept(run, "moon", "new", root=tmp_path)
+
+
+def test_preservation_table_sees_an_edit_made_by_hooks(tiny, tiny_state):
+    # the table calls to_k/to_v rather than reading their weights, which a ResAG leaves as the base's
+    from omegaconf import OmegaConf
+    from ldm.erasure.report import preservation_table
+    from ldm.util import instantiate_from_config
+    base = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
+    base.load_state_dict(tiny_state)
+    unwrapped = projections(tiny, ["Van Gogh"])
+    hooks = apply_resags(tiny, [new_resag(tiny, trained=True)])
+    try:
+        table = preservation_table(base.eval(), tiny, ["Van Gogh"], seeds=[0], ddim_steps=2)
+        wrapped = projections(tiny, ["Van Gogh"])
+    finally:
+        hooks.remove()
+    moved = max((wrapped[n] - unwrapped[n]).abs().max().item() for n in wrapped)
+    assert moved > 1e-4 and table.loc[0, "key_value_max_abs_diff"] == pytest.approx(moved, rel=1e-3)

@@ -222,9 +222,11 @@ def stack_pairs(base_images, edited_images):
     return np.stack([np.stack([b, e]) for b, e in zip(base_images, edited_images)])
 
 
-def _key_value_weights(model):
-    return {n: w for n, w in model.model.diffusion_model.named_parameters()
-            if "attn2.to_k.weight" in n or "attn2.to_v.weight" in n}
+def _key_value_projections(model):
+    """The cross-attention ``to_k``/``to_v`` modules, called (not their weights read) so that an edit made
+    by forward hooks (CPE's ResAGs) is in what they return."""
+    return {n: m for n, m in model.model.diffusion_model.named_modules()
+            if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")}
 
 
 @torch.no_grad()
@@ -233,7 +235,7 @@ def preservation_table(base, edited, prompts, seeds=(0, 1, 2, 3), guidance_scale
     difference of any cross-attention key/value (fp32) over every context token, and the largest pixel
     difference (0-255) of the images both draw from the same start noise, one per seed."""
     from ldm.generate import generate, latent_shape, seeded_noise
-    base_kv, edited_kv = _key_value_weights(base), _key_value_weights(edited)
+    base_kv, edited_kv = _key_value_projections(base), _key_value_projections(edited)
     seeds = list(seeds)
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
     x_T = seeded_noise([seed for _, seed in jobs], latent_shape(base))
@@ -247,8 +249,8 @@ def preservation_table(base, edited, prompts, seeds=(0, 1, 2, 3), guidance_scale
     context_edited = edited.get_learned_conditioning(list(prompts)).float()
     rows = []
     for i, prompt in enumerate(prompts):
-        kv = max((context_edited[i] @ edited_kv[n].T - context_base[i] @ base_kv[n].T).abs().max().item()
-                 for n in base_kv)
+        kv = max((edited_kv[n](context_edited[i:i + 1]).float() - base_kv[n](context_base[i:i + 1]).float())
+                 .abs().max().item() for n in base_kv)
         rows.append({"prompt": prompt, "key_value_max_abs_diff": kv, "images": len(seeds),
                      "pixel_max_abs_diff": int(difference[i].max()), "pixels_differing": float((difference[i] > 0).mean())})
     return pd.DataFrame(rows)
