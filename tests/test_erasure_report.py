@@ -145,6 +145,7 @@ def _report(run_dir, prompts, save_path, *extra):
                       "--save_path", save_path, "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu", *extra)
 
 
+@pytest.mark.slow  # the same rule at the generation layer runs by default (test_identity.py)
 def test_report_uses_the_retrained_runs_images(tmp_path):
     """Retrain under the same run name with a flag absent from the name (--seed): the report must use
     the new model's images, never the cached ones of the old weights."""
