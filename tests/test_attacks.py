@@ -125,3 +125,28 @@ def test_attack_bad_input_is_one_line(flags, message, tmp_path):
         flags = [*flags, "--model_name", "tiny-sd"]
     line = one_line_error(run_script("eval-scripts/attack.py", *flags, "--save_path", tmp_path))
     assert message in line, line
+
+
+def test_benchmark_refuses_an_unknown_method_in_one_line(tmp_path):
+    from conftest import one_line_error, run_script
+    line = one_line_error(run_script("eval-scripts/benchmark.py", "--methods", "esd-x,uce", "--save_path", tmp_path))
+    assert "unknown uce" in line and "sepce" in line
+
+
+@pytest.mark.slow
+def test_benchmark_writes_the_leaderboard_and_skips_finished_cells(tmp_path):
+    import pandas as pd
+    from conftest import run_script
+    args = ["--methods", "esd-x", "--concepts", "circle", "--save_path", tmp_path, "--num_samples", 1, "--ddim_steps", 3,
+            "--attack_steps", 2, "--generations", 2, "--erase_args", "--iterations 2"]
+    done = run_script("eval-scripts/benchmark.py", *args)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert len(table) == 1 and {"method", "concept", "efficacy", "specificity_same", "specificity_other", "asr_pre",
+                                "asr_post", "seconds", "peak_mb"} <= set(table.columns)
+    assert (tmp_path / "leaderboard.png").is_file() and table.peak_mb[0] > 100 and table.asr_post[0] >= table.asr_pre[0]
+    again = run_script("eval-scripts/benchmark.py", *args)
+    assert again.returncode == 0 and "finished earlier" in again.stdout
+    import shutil
+    from ldm.paths import MODELS_DIR
+    shutil.rmtree(MODELS_DIR / table.run[0], ignore_errors=True)
