@@ -25,7 +25,7 @@ from ldm.evaluation import wilson_interval
 from ldm.evaluator import classify
 from ldm.generate import generate, latent_shape, seeded_noise
 from ldm.models.diffusion.ddim import ddim_sample
-from ldm.util import UsageError, atomic_to_csv, json_sha256
+from ldm.util import UsageError, atomic_to_csv, atomic_write_text, json_sha256
 
 ATTACKS = ("unlearndiffatk", "ringabell")
 
@@ -74,7 +74,7 @@ class AttackRun:
         self.key = json_sha256(self.record)[:12]
         self.folder = Path(folder) / f"{attack}-{concept.replace(' ', '_')}-{self.key}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "attack.json").write_text(json.dumps(self.record, indent=2))
+        atomic_write_text(self.folder / "attack.json", json.dumps(self.record, indent=2))
         encoder = erased.cond_stage_model
         self.vocabulary = search_vocabulary(encoder.tokenizer, exclude=[concept])
         if attack == "ringabell":  # model-agnostic: the concept vector from the text encoder alone
