@@ -60,7 +60,9 @@ def main():
     erased = load_model(args.model_name, device=device)
     if erased.kind == "diffusers":
         raise UsageError(f"'{args.model_name}' is a diffusers folder; attacks run on CompVis models and runs")
-    base = load_model(args.base_model, device=device) if args.attack == "unlearndiffatk" else None
+    base = None
+    if args.attack == "unlearndiffatk":  # the base draws the target images; attacking the base itself, load it once
+        base = erased if args.base_model == args.model_name else load_model(args.base_model, device=device)
     attack = AttackRun(erased.model, base.model if base else None, judge, args.concept, args.attack, settings,
                        erased.identity, file_sha256(prompts_path), args.save_path,
                        templates_of(args.prompt_templates) or ["{}"], args.eta, args.guidance_scale, args.ddim_steps)

@@ -44,8 +44,8 @@ def run_child(args, log):
     start = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (peak memory), unlike wait()
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait for it again
     seconds = time.perf_counter() - start
     if child.returncode != 0:
         tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] or [""]
@@ -123,9 +123,8 @@ def leaderboard(results):
 
 def save_leaderboard(table, save_path, title):
     """``leaderboard.csv`` and ``leaderboard.png`` (a table a researcher can paste) under ``save_path``."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from ldm.plots import save_figure
     save_path = Path(save_path)
     atomic_to_csv(table, save_path / "leaderboard.csv")
     shown = table.drop(columns=["run"]).copy()
@@ -144,9 +143,5 @@ def save_leaderboard(table, save_path, title):
     cells.set_fontsize(8)
     cells.scale(1, 2.2)
     axis.set_title(title, fontsize=9)
-    png = save_path / "leaderboard.png"
-    tmp = png.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=150, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, png)
+    png = save_figure(figure, save_path / "leaderboard.png")
     return png

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ldm.attacks.ringabell import GeneticSettings, concept_pairs, concept_vector, ring_a_bell_prompt, search_vocabulary
 from ldm.attacks.unlearndiffatk import UnlearnDiffAtkSettings, attack_prompt
-from ldm.data.prompt_sets import ATTRIBUTES, attribute_of
+from ldm.data.prompt_sets import all_concepts, attribute_of
 from ldm.evaluation import wilson_interval
 from ldm.evaluator import classify
 from ldm.generate import generate, latent_shape, seeded_noise
@@ -33,7 +33,7 @@ ATTACKS = ("unlearndiffatk", "ringabell")
 def concept_judge(evaluator, concept):
     """The tiny-sd judge of ``concept``: uint8 images -> whether the evaluator's head for the concept's
     attribute names it."""
-    if concept not in [c for values in ATTRIBUTES.values() for c in values] or concept == "none":
+    if concept not in all_concepts():
         raise UsageError(f"'{concept}' is not a tiny-sd concept; the tiny-sd evaluator judges only its own concepts")
     head = attribute_of(concept)
     return lambda images: np.array([name == concept for name in classify(evaluator, images)[head][0]])
@@ -80,13 +80,17 @@ class AttackRun:
         if attack == "ringabell":  # model-agnostic: the concept vector from the text encoder alone
             self.vector = concept_vector(encoder.encode, concept_pairs(concept, templates))
         self.erased.requires_grad_(False)
+        self.ring_a_bell_cache = {}  # Ring-A-Bell depends only on the prompt text: a repeated prompt is searched once
 
     def adversarial_prompt(self, prompt, x_T):
         """The attack's prompt for ``prompt`` and its record."""
         if self.attack == "ringabell":
-            text, record = ring_a_bell_prompt(self.erased.cond_stage_model, prompt, self.vector, self.eta,
-                                              self.vocabulary, self.settings)
-            return text, {"distance": record["distance"], "prompt_distance": record["prompt_distance"]}
+            if prompt not in self.ring_a_bell_cache:
+                text, record = ring_a_bell_prompt(self.erased.cond_stage_model, prompt, self.vector, self.eta,
+                                                  self.vocabulary, self.settings)
+                self.ring_a_bell_cache[prompt] = text, {"distance": record["distance"],
+                                                        "prompt_distance": record["prompt_distance"]}
+            return self.ring_a_bell_cache[prompt]
         z0 = target_latents(self.base, prompt, x_T, self.guidance_scale, self.ddim_steps)
         text, record = attack_prompt(self.erased, prompt, z0, self.vocabulary, self.settings)
         return text, {"first_loss": record["losses"][0], "last_loss": record["losses"][-1]}

@@ -54,21 +54,24 @@ def search_vocabulary(tokenizer, exclude=()):
     return torch.tensor(sorted(ids))
 
 
-@torch.no_grad()
-def encode_token_ids(text_encoder, token_ids):
-    """Embeddings (batch, max_length, width) of token sequences (batch, k) under a ``FrozenCLIPEmbedder``:
-    each sequence framed as the tokenizer frames a prompt (BOS, tokens, EOS, EOS padding), truncated to
-    the encoder's context."""
-    tokenizer = text_encoder.tokenizer
+def frame_token_ids(tokenizer, token_ids, context):
+    """Token id sequences (batch, k) framed as the tokenizer frames a prompt: BOS, the tokens, EOS, EOS
+    padding, cut to ``context`` tokens (batch, context)."""
     batch, length = token_ids.shape
-    context = text_encoder.max_length
     ids = torch.full((batch, context), tokenizer.pad_token_id, dtype=torch.long)
     ids[:, 0] = tokenizer.bos_token_id
     k = min(length, context - 2)
     ids[:, 1:1 + k] = token_ids[:, :k]
     ids[:, 1 + k] = tokenizer.eos_token_id
-    device = text_encoder.transformer.device
-    return text_encoder.transformer(input_ids=ids.to(device)).last_hidden_state.float().cpu()
+    return ids
+
+
+@torch.no_grad()
+def encode_token_ids(text_encoder, token_ids):
+    """Embeddings (batch, max_length, width) of token sequences (batch, k) under a ``FrozenCLIPEmbedder``,
+    each framed as a prompt (``frame_token_ids``)."""
+    ids = frame_token_ids(text_encoder.tokenizer, token_ids, text_encoder.max_length)
+    return text_encoder.transformer(input_ids=ids.to(text_encoder.transformer.device)).last_hidden_state.float().cpu()
 
 
 @dataclass
@@ -125,12 +128,12 @@ def ring_a_bell_prompt(text_encoder, prompt, vector, eta, vocabulary, settings):
     """The adversarial prompt for ``prompt``: the vocabulary tokens whose embedding is nearest
     ``E(prompt) + eta * vector`` by genetic search, decoded to text. Returns the text and a record:
     the distance of the found tokens' embedding to the target, and of the prompt's own embedding."""
-    target = text_encoder.encode([prompt]).float().cpu()[0] + eta * vector
+    own = text_encoder.encode([prompt]).float().cpu()[0]
+    target = own + eta * vector
 
     def fitness(token_ids):
         return -(encode_token_ids(text_encoder, token_ids) - target).pow(2).mean(dim=(1, 2))
 
     best, score, history = genetic_search(fitness, vocabulary, settings)
     text = text_encoder.tokenizer.decode(best.tolist()).strip()
-    start = float((text_encoder.encode([prompt]).float().cpu()[0] - target).pow(2).mean())
-    return text, {"distance": -score, "prompt_distance": start, "history": history}
+    return text, {"distance": -score, "prompt_distance": float((own - target).pow(2).mean()), "history": history}

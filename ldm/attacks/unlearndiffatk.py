@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ldm.attacks.ringabell import frame_token_ids
 from ldm.util import UsageError
 
 
@@ -58,24 +59,20 @@ def replaced_token_embeddings(text_encoder, positions, rows):
 
 
 def prefixed_ids(text_encoder, prompt, k, placeholder):
-    """Token ids (1, context) of ``placeholder`` x k followed by ``prompt``, framed by BOS/EOS and padded;
-    the prompt's tail is cut where the context ends. The prefix sits at positions 1..k."""
-    tokenizer = text_encoder.tokenizer
-    words = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """Token ids (1, context) of ``placeholder`` x k followed by ``prompt``, framed as a prompt
+    (``frame_token_ids``; the prompt's tail is cut where the context ends). The prefix sits at positions 1..k."""
     context = text_encoder.max_length
     if k + 2 > context:
         raise UsageError(f"UnlearnDiffAtk: {k} prefix tokens do not fit a {context}-token context")
-    body = ([placeholder] * k + words)[:context - 2]
-    ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
-    ids += [tokenizer.pad_token_id] * (context - len(ids))
-    return torch.tensor([ids])
+    words = text_encoder.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return frame_token_ids(text_encoder.tokenizer, torch.tensor([[placeholder] * k + words]), context)
 
 
-def nearest_tokens(rows, table, vocabulary):
-    """For each row, the vocabulary token whose embedding is nearest by cosine: (ids, their rows)."""
-    candidates = table[vocabulary]
-    similarity = F.normalize(rows, dim=-1) @ F.normalize(candidates, dim=-1).T
-    index = similarity.argmax(-1)
+def nearest_tokens(rows, vocabulary, candidates, directions):
+    """For each row, the vocabulary token whose embedding is nearest by cosine: (ids, their rows).
+    ``candidates`` are the vocabulary's embedding rows, ``directions`` their unit vectors (computed once
+    per attack, not per step)."""
+    index = (F.normalize(rows, dim=-1) @ directions.T).argmax(-1)
     return vocabulary[index], candidates[index]
 
 
@@ -90,6 +87,8 @@ def attack_prompt(model, prompt, z0, vocabulary, settings):
     table = encoder.transformer.get_input_embeddings().weight.detach()
     start = vocabulary[torch.randint(0, len(vocabulary), (settings.prefix_tokens,), generator=generator)]
     prefix = table[start].clone().float().requires_grad_(True)
+    candidates = table[vocabulary].float()
+    directions = F.normalize(candidates, dim=-1)
     optimizer = torch.optim.Adam([prefix], lr=settings.lr)
     ids = prefixed_ids(encoder, prompt, settings.prefix_tokens, int(start[0])).to(device)
     positions = slice(1, 1 + settings.prefix_tokens)
@@ -97,7 +96,7 @@ def attack_prompt(model, prompt, z0, vocabulary, settings):
     losses = []
     with torch.enable_grad():
         for _ in range(settings.steps):
-            chosen, rows = nearest_tokens(prefix.detach(), table, vocabulary)
+            _, rows = nearest_tokens(prefix.detach(), vocabulary, candidates, directions)
             straight_through = rows + (prefix - prefix.detach())
             t = torch.randint(0, model.num_timesteps, (len(z0),), generator=generator).to(device)
             noise = torch.randn(z0.shape, generator=generator).to(device)
@@ -109,6 +108,6 @@ def attack_prompt(model, prompt, z0, vocabulary, settings):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    chosen, _ = nearest_tokens(prefix.detach(), table, vocabulary)
+    chosen, _ = nearest_tokens(prefix.detach(), vocabulary, candidates, directions)
     text = f"{encoder.tokenizer.decode(chosen.tolist()).strip()} {prompt}"
     return text, {"start_ids": start.tolist(), "prefix_ids": chosen.tolist(), "losses": losses}
