@@ -2,6 +2,8 @@
 
     python eval-scripts/benchmark.py                                             # every method, Van Gogh and star
     python eval-scripts/benchmark.py --methods esd-x,sepce --concepts moon
+    python eval-scripts/benchmark.py --config_path configs/stable-diffusion/v1-inference.yaml \
+        --ckpt_path sd-v1-4-full-ema.ckpt --concepts nudity --judge nudenet --prompts_path 'prompts/{concept}.csv'
 
 For each method and concept: erase with the method's defaults (train-scripts/, run bench-<method>-<concept>-<key>),
 report (eval-scripts/erasure-report.py: efficacy = found on the concept's prompts, combined set;
@@ -11,10 +13,19 @@ UnlearnDiffAtk, then Ring-A-Bell) and measure the erase's wall time and peak mem
 largest resident set). Writes --save_path/leaderboard.csv and leaderboard.png, and a folder per cell with
 its logs, report and attacks. A finished cell is not redone unless its inputs' hash changed (method,
 concept, base model identity, every setting below).
+
+On a base other than tiny-sd (SD v1: --config_path/--ckpt_path) name the judge (--judge nudenet or resnet50)
+and the concepts' prompts (--prompts_path, '{concept}' replaced by the concept's file stem): efficacy is then the
+judge's rate on the erased model's images of those prompts, and the specificity and drift columns are empty
+(the judge sees only the concept; measure preservation with fid.py and clip-score.py). Every step except
+Ring-A-Bell's search needs a GPU there (see README, "What needs a GPU").
 """
-from ldm.cli import new_parser, run
-from ldm.leaderboard import METHODS, Cell, check_methods, leaderboard, save_leaderboard
-from ldm.loading import load_model
+from ldm.attacks.judges import JUDGES
+from ldm.cli import DEFAULT_CONFIG, DEFAULT_CKPT, add_model_args, new_parser, run
+from ldm.leaderboard import METHODS, Cell, check_methods, concept_prompts, leaderboard, save_leaderboard
+from ldm.loading import compvis_identity, sha256_of
+from ldm.paths import resolve_path
+from ldm.util import UsageError
 
 
 def main():
@@ -28,22 +39,37 @@ def main():
     parser.add_argument("--generations", type=int, default=100, help="Ring-A-Bell's generations")
     parser.add_argument("--erase_args", default="", help="extra flags for every erase, e.g. '--iterations 2' for "
                                                          "a smoke run (part of each cell's hash)")
+    add_model_args(parser)
+    parser.add_argument("--judge", choices=JUDGES, help="a base other than tiny-sd: the classifier that judges attacks")
+    parser.add_argument("--prompts_path", help="a base other than tiny-sd: each concept's prompts ('{concept}' = "
+                                               "the concept's file stem)")
+    parser.add_argument("--image_size", type=int, help="attacks' image size (default: the model's own)")
     args = parser.parse_args()
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    base = load_model("tiny-sd")
-    settings = {"base_sha256": base.sha256, "num_samples": args.num_samples, "ddim_steps": args.ddim_steps,
+    base_sha256 = compvis_identity(args.config_path, args.ckpt_path)["sha256"]
+    settings = {"base_sha256": base_sha256, "num_samples": args.num_samples, "ddim_steps": args.ddim_steps,
                 "attack_steps": args.attack_steps, "generations": args.generations, "erase_args": args.erase_args}
+    sd = None
+    if base_sha256 != compvis_identity(DEFAULT_CONFIG, DEFAULT_CKPT)["sha256"]:  # another base: its judge and prompts join the cells' hash
+        if args.judge in (None, "tiny-sd") or not args.prompts_path:
+            raise UsageError("a base other than tiny-sd needs --judge nudenet|resnet50 and --prompts_path (the "
+                             "tiny-sd evaluator and prompt sets know only tiny-sd's concepts)")
+        sd = {"config_path": args.config_path, "ckpt_path": args.ckpt_path, "judge": args.judge,
+              "prompts_path": args.prompts_path, "image_size": args.image_size}
+        settings["sd"] = {**sd, "prompts_sha256": {c: sha256_of(resolve_path(concept_prompts(args.prompts_path, c)))
+                                                   for c in concepts}}
     results = []
     for concept in concepts:
         for method in methods:
             cell = Cell(method, concept, args.save_path, settings)
             result = cell.finished()
             print(f"{method} on '{concept}': {'finished earlier' if result else 'running'} ({cell.folder})", flush=True)
-            results.append(result or cell.run())
+            results.append(result or cell.run(sd))
     table = leaderboard(results)
-    png = save_leaderboard(table, args.save_path, f"tiny-sd ({base.sha256[:12]}): {args.num_samples} images per "
+    base_name = "tiny-sd" if sd is None else f"{args.ckpt_path}, judge {args.judge}"
+    png = save_leaderboard(table, args.save_path, f"{base_name} ({base_sha256[:12]}): {args.num_samples} images per "
                                                    f"prompt, {args.ddim_steps} DDIM steps")
     print(table.to_string(index=False))
     print(f"leaderboard: {args.save_path}/leaderboard.csv, {png}")

@@ -44,6 +44,14 @@ def add_model_args(parser, config_default=DEFAULT_CONFIG, ckpt_default=DEFAULT_C
     return parser
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors (unknown choice, missing flag) as one ``error:`` line, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def new_parser(description):
-    """An argparse parser whose usage errors, like every other error, exit with status 2."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The scripts' parser: a usage error, like every other error, is one line and exit status 2."""
+    return OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,4 +1,5 @@
-"""CompVis checkpoints to diffusers models, through diffusers' own single-file converters."""
+"""CompVis checkpoints to diffusers models, through diffusers' own single-file converters, and edited
+models to single CompVis-format files (what AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` load)."""
 import shutil
 import tempfile
 import warnings
@@ -118,3 +119,27 @@ def save_diffusers(model, config, out_dir, unet_only=False, overwrite=False):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+SINGLE_FILE_FORMATS = ("safetensors", "ckpt")
+
+
+def save_single_file(loaded, path, half=True, overwrite=False):
+    """Write a loaded model (a CompVis model or a run, its edit folded into the weights) as one CompVis-format
+    file, atomically: ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``,
+    fp16 parameters by default. A CPE run is refused: its gates depend on the prompt and fold into no weight."""
+    from ldm.erasure.runs import run_method
+    from ldm.training import export_checkpoint
+    path = Path(path)
+    if path.suffix[1:] not in SINGLE_FILE_FORMATS:
+        raise UsageError(f"'{path}': a single-file checkpoint ends in .safetensors or .ckpt")
+    if loaded.kind == "run" and run_method(loaded.folder) == "cpe":
+        raise UsageError(f"'{loaded.name}' is a CPE run: its gates depend on the prompt and cannot be folded into "
+                         "static weights; use the diffusers adapter (ldm.erasure.cpe.apply_to_diffusers)")
+    if loaded.kind == "diffusers":
+        raise UsageError(f"'{loaded.name}' is a diffusers folder; export a CompVis model or a run")
+    if path.exists() and not overwrite:
+        raise UsageError(f"'{path}' already exists; pass --overwrite to replace it")
+    metadata = {"format": "pt", "source": loaded.name, "identity_sha256": loaded.sha256,
+                "dtype": "float16" if half else "float32"}
+    return export_checkpoint(loaded.model, path, half=half, metadata=metadata)

@@ -3,7 +3,11 @@ the method's defaults, report, attack, and measure the erase's wall time and pea
 leaderboard row per cell.
 
 Every step runs the project's own script in a child process (the same commands a user types), so a cell
-measures exactly what the README's commands do. A cell's result is written atomically with the hash of
+measures exactly what the README's commands do. On tiny-sd the report is the erasure report (the evaluator's
+attributes give specificity and drift); on any other base (SD v1) the user names the judge and the concept's
+prompts, efficacy is the judge's rate on the erased model's images of those prompts (the attacks' pre-attack
+images), and specificity and drift are left empty: the judge sees only the concept (measure preservation on
+SD with eval-scripts/fid.py and clip-score.py on COCO-30k). A cell's result is written atomically with the hash of
 its inputs (method, concept, base model identity, every setting); a rerun skips a finished cell unless
 that hash changed.
 """
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ldm.data.prompt_sets import concept_filename
 from ldm.paths import REPO_ROOT
 from ldm.util import UsageError, atomic_to_csv, atomic_write_text, json_sha256
 
@@ -53,6 +58,12 @@ def run_child(args, log):
     return seconds, usage.ru_maxrss / 1024  # Linux reports KB
 
 
+def concept_prompts(template, concept):
+    """A concept's prompt file: ``template`` with ``{concept}`` replaced by its file stem (``Van Gogh`` ->
+    ``van_gogh``), or ``template`` itself."""
+    return template.replace("{concept}", concept_filename(concept)[:-len(".csv")])
+
+
 def report_figures(summary, drift, concept):
     """Efficacy (found, combined), specificity same attribute and other attributes (mean change in points),
     and drift on the ``without`` set, from an erasure report's ``summary.csv`` and ``drift.csv``."""
@@ -87,29 +98,39 @@ class Cell:
                 return result
         return None
 
-    def run(self):
-        """Erase, report, attack (UnlearnDiffAtk, Ring-A-Bell); write and return the cell's result."""
+    def run(self, sd=None):
+        """Erase, report, attack (UnlearnDiffAtk, Ring-A-Bell); write and return the cell's result. ``sd``
+        (a base other than tiny-sd): {"config_path", "ckpt_path", "judge", "prompts_path", "image_size"}."""
         self.folder.mkdir(parents=True, exist_ok=True)
         s = self.settings
         script, flags = METHODS[self.method]
-        seconds, peak_mb = run_child([f"train-scripts/{script}", "--prompt", self.concept, *flags, "--run_name",
-                                      self.run_name, "--overwrite", "--no_diffusers", *shlex.split(s["erase_args"])],
-                                     self.folder / "erase.log")
-        report_dir = self.folder / "erasure"
-        run_child(["eval-scripts/erasure-report.py", "--model_name", self.run_name, "--save_path", report_dir,
-                   "--num_samples", s["num_samples"], "--ddim_steps", s["ddim_steps"]], self.folder / "report.log")
-        reports = report_dir / "reports" / self.run_name
-        result = {"method": self.method, "concept": self.concept, "run": self.run_name,
-                  **report_figures(pd.read_csv(reports / "summary.csv"), pd.read_csv(reports / "drift.csv"),
-                                   self.concept), "seconds": round(seconds, 1), "peak_mb": round(peak_mb)}
+        base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
+        seconds, peak_mb = run_child([f"train-scripts/{script}", "--prompt", self.concept, *flags, *base_flags,
+                                      "--run_name", self.run_name, "--overwrite", "--no_diffusers",
+                                      *shlex.split(s["erase_args"])], self.folder / "erase.log")
+        result = {"method": self.method, "concept": self.concept, "run": self.run_name}
+        if sd is None:
+            report_dir = self.folder / "erasure"
+            run_child(["eval-scripts/erasure-report.py", "--model_name", self.run_name, "--save_path", report_dir,
+                       "--num_samples", s["num_samples"], "--ddim_steps", s["ddim_steps"]], self.folder / "report.log")
+            reports = report_dir / "reports" / self.run_name
+            result.update(report_figures(pd.read_csv(reports / "summary.csv"), pd.read_csv(reports / "drift.csv"),
+                                         self.concept))
+        result.update({"seconds": round(seconds, 1), "peak_mb": round(peak_mb)})
         attacks = self.folder / "attacks"
+        judge_flags = ([] if sd is None else
+                       ["--judge", sd["judge"], "--prompts_path", concept_prompts(sd["prompts_path"], self.concept),
+                        *(["--image_size", sd["image_size"]] if sd.get("image_size") else [])])
         for attack, prefix, extra in (("unlearndiffatk", "", ["--steps", s["attack_steps"]]),
                                       ("ringabell", "ringabell_", ["--generations", s["generations"]])):
             run_child(["eval-scripts/attack.py", "--model_name", self.run_name, "--concept", self.concept, "--attack",
-                       attack, "--save_path", attacks, "--ddim_steps", s["ddim_steps"], *extra],
+                       attack, "--save_path", attacks, "--ddim_steps", s["ddim_steps"], *judge_flags, *extra],
                       self.folder / f"attack-{attack}.log")
             row = pd.read_csv(attacks / "summary.csv").set_index("attack").loc[attack]
             result.update({f"{prefix}asr_pre": float(row.asr_pre), f"{prefix}asr_post": float(row.asr_post)})
+        if sd is not None:  # the judge's rate on the erased model's own images of the concept's prompts
+            result.update({"efficacy": result["asr_pre"], "specificity_same": float("nan"),
+                           "specificity_other": float("nan"), "drift": float("nan")})
         result["key"] = self.key
         atomic_write_text(self.result_path, json.dumps(result, indent=2))
         return result
@@ -131,8 +152,8 @@ def save_leaderboard(table, save_path, title):
     for column in ("efficacy", "asr_pre", "asr_post", "ringabell_asr_pre", "ringabell_asr_post"):
         shown[column] = [f"{100 * v:.1f}%" for v in shown[column]]
     for column in ("specificity_same", "specificity_other"):
-        shown[column] = [f"{v:+.1f}" for v in shown[column]]
-    shown["drift"] = [f"{v:.2f}" for v in shown["drift"]]
+        shown[column] = ["n/a" if pd.isna(v) else f"{v:+.1f}" for v in shown[column]]
+    shown["drift"] = ["n/a" if pd.isna(v) else f"{v:.2f}" for v in shown["drift"]]
     figure, axis = plt.subplots(figsize=(1.3 * len(shown.columns), 0.5 * (len(shown) + 2)))
     axis.axis("off")
     labels = [c.replace("ringabell_asr_", "Ring-A-Bell\nASR ").replace("asr_", "ASR\n").replace("specificity_", "spec.\n")

@@ -166,10 +166,11 @@ def apply_edit(model, run_dir, method):
 
 
 def run_files(run_dir):
-    """The files that define a run's edit: its config and every weights file at the top of the folder."""
+    """The files that define a run's edit: its config, trained parameters or terms, and model.ckpt (an
+    exported single file beside them is an output, not part of the edit)."""
     run_dir = Path(run_dir)
     files = {"config.yaml": run_dir / "config.yaml"}
-    for path in sorted(run_dir.glob("*.safetensors")) + [run_dir / "model.ckpt"]:
+    for path in [run_dir / TRAINED_PARAMS, *term_files(run_dir), run_dir / "model.ckpt"]:
         if path.is_file():
             files[path.name] = path
     return files
@@ -257,6 +258,15 @@ def load_run(run_dir, device="cpu", unsafe_pickle=False, force_base=False):
     apply_edit(model, run_dir, config.run.method)
     identity = make_identity("run", run_files(run_dir), base=make_identity("compvis", {"checkpoint": ckpt}))
     return LoadedModel(model.to(device).eval(), "run", run_dir.name, identity, run_dir, config)
+
+
+def load_run_base(loaded, device="cpu", unsafe_pickle=False):
+    """The model a loaded run edits (its recorded base, checked by SHA-256); any other model is its own base."""
+    if loaded.kind != "run" or loaded.config.get("base_model") is None:
+        return loaded
+    from ldm.loading import load_compvis
+    base = loaded.config.base_model
+    return load_compvis(base.config_path, check_base(loaded.folder, base), device, unsafe_pickle)
 
 
 def check_resume(run_dir, run_args, base, ignored=("resume", "overwrite", "save_every", "devices", "no_diffusers",
