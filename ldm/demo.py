@@ -181,6 +181,18 @@ class ModelCache:
         return self.models[key]
 
 
+def base_model_flags(loaded, base_flags):
+    """The train scripts' ``--config_path``/``--ckpt_path`` for the base the page shows (None for a run: the
+    scripts erase from a CompVis model). ``base_flags``: what the page was started with."""
+    from ldm.loading import CHECKPOINT_NAMES
+    if loaded.kind != "compvis":
+        return None
+    if base_flags.get("config_path"):
+        return ["--config_path", str(base_flags["config_path"]), "--ckpt_path", str(base_flags["ckpt_path"])]
+    ckpt = next(loaded.folder / n for n in CHECKPOINT_NAMES if (loaded.folder / n).is_file())  # under models/
+    return ["--config_path", str(loaded.folder / "config.yaml"), "--ckpt_path", str(ckpt)]
+
+
 def verdict(evaluator, image):
     """The tiny-sd evaluator's reading of one uint8 image: ``object: moon 0.97 · color: red 0.91 · ...``."""
     from ldm.evaluator import classify
@@ -222,8 +234,7 @@ def build_app(cache, evaluator_path=None):
 
     from ldm.evaluator import load_evaluator
     evaluator = load_evaluator(evaluator_path, cache.device) if evaluator_path else None
-    model_flags = [f for key in ("config_path", "ckpt_path") if cache.base_flags.get(key)
-                   for f in (f"--{key}", str(cache.base_flags[key]))]
+    model_flags = base_model_flags(cache.base(), cache.base_flags)
 
     def run_names():
         return list_runs()["run"].tolist()
@@ -231,6 +242,9 @@ def build_app(cache, evaluator_path=None):
     def erase(method, concept, run_name, iterations, lr, negative_guidance, extra, overwrite,
               progress=gr.Progress()):
         try:
+            if model_flags is None:
+                raise UsageError(f"the base '{cache.base().name}' is a run: the train scripts erase from a CompVis "
+                                 "model; start the page with that model (--model_name, or --config_path/--ckpt_path)")
             args, name = erase_command(method, concept, run_name, iterations or None, lr or None,
                                        negative_guidance or None, shlex.split(extra or ""), overwrite, model_flags)
         except (UsageError, ValueError) as error:

@@ -110,6 +110,7 @@ def test_page_renders_in_headless_chromium(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_unticking_a_concept_restores_it_without_touching_the_run(tmp_path):
     """A two-concept CPE run: the cache's model with 'moon' off holds only circle's gates, built by
     restore_concept in a private folder; the run folder is unchanged."""
@@ -130,3 +131,10 @@ def test_unticking_a_concept_restores_it_without_touching_the_run(tmp_path):
         assert load_model(name).sha256 == before and both.sha256 == before
     finally:
         shutil.rmtree(MODELS_DIR / name, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flags,message", [(["--model_name", "no-such-model"], "no-such-model"),
+                                           (["--port", "70000"], "not a port number")])
+def test_app_bad_flags_are_one_line(flags, message):
+    from conftest import one_line_error, run_script
+    assert message in one_line_error(run_script("app.py", *flags))

@@ -179,6 +179,7 @@ def test_attack_refuses_a_concept_the_base_does_not_draw(tmp_path):
     assert "shows 'moon' in only 0 of 2 images" in line and not (tmp_path / "summary.csv").exists()
 
 
+@pytest.mark.slow
 def test_attack_on_sd_v1_structure_runs_to_the_nudenet_judge(small_config_path, small_ckpt, tmp_path):
     """The SD v1 path: a CompVis config + checkpoint in SD v1's structure (random weights, small image), the
     real NudeNet judge. Random weights draw no nudity, so the base check refuses the concept, after the

@@ -286,6 +286,7 @@ def test_teacher_copy_on_a_second_device_and_cpu_autocast(tiny, tiny_state):
     assert all(math.isfinite(half.step()) for _ in range(2)) and all(p.dtype == torch.float32 for p in half.params.values())
 
 
+@pytest.mark.slow
 def test_script_resumes_a_killed_run_to_the_weights_of_an_uninterrupted_one(tmp_path):
     args = ["--prompt", "star", "--iterations", 60, "--ddim_steps", 10, "--lr", 1e-3, "--save_every", 5,
             "--devices", "cpu", "--no_diffusers"]

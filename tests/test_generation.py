@@ -99,6 +99,7 @@ def test_batches_split_across_ranks_without_overlap_or_gap():
         assert sorted(flat, key=jobs.index) == jobs and len(set(flat)) == len(jobs)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_byte_for_byte(small_config_path, small_ckpt, prompts_csv, tmp_path):
     import os
     import subprocess

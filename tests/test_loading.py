@@ -131,6 +131,7 @@ def test_convert_script_bad_input(small_config_path, small_ckpt, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_convert_script_writes_a_pipeline_that_loads_offline(small_model, small_config_path, small_ckpt, tmp_path):
     from diffusers import StableDiffusionPipeline
     out = tmp_path / "diffusers"

@@ -71,6 +71,7 @@ def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run,
     assert (before - mine).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_ckpt_export_loads_with_weights_only_and_refuses_to_overwrite(esd_run, tmp_path):
     out = tmp_path / "edited.ckpt"
     done = run_script("train-scripts/convertModels.py", "--model_name", RUN, "--to", "ckpt", "--save_path", out,

@@ -147,6 +147,7 @@ def test_quality_table(tmp_path, csv):
     assert "seeds: 100.0% of 64 prompts have all their images distinct" in classified.stdout
 
 
+@pytest.mark.slow
 def test_text_geometry_script_reports_every_concept(tmp_path):
     result = run_script("eval-scripts/text-geometry.py", "--save_path", tmp_path / "geometry.csv")
     assert result.returncode == 0, result.stderr
