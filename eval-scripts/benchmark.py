@@ -58,8 +58,11 @@ def main():
                              "tiny-sd evaluator and prompt sets know only tiny-sd's concepts)")
         sd = {"config_path": args.config_path, "ckpt_path": args.ckpt_path, "judge": args.judge,
               "prompts_path": args.prompts_path, "image_size": args.image_size}
-        settings["sd"] = {**sd, "prompts_sha256": {c: sha256_of(resolve_path(concept_prompts(args.prompts_path, c)))
-                                                   for c in concepts}}
+        prompt_files = {c: resolve_path(concept_prompts(args.prompts_path, c)) for c in concepts}
+        missing = [str(path) for path in prompt_files.values() if not path.is_file()]
+        if missing:
+            raise UsageError(f"--prompts_path: no prompt file {', '.join(missing)}")
+        settings["sd"] = {**sd, "prompts_sha256": {c: sha256_of(path) for c, path in prompt_files.items()}}
     results = []
     for concept in concepts:
         for method in methods:

@@ -20,8 +20,6 @@ from ldm.util import UsageError, load_config
 
 # tqdm's line: "<desc>:  45%|####      | 90/200 [00:14<00:17,  6.40it/s, loss=0.0013]"
 PROGRESS = re.compile(r"(?P<desc>[^\r\n|]*?):?\s+\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)[^\]]*?(?:loss=(?P<loss>[-+.\deE]+))?\]")
-# the few settings that matter, as the train scripts name them; the rest are the method's defaults
-ESD_ONLY = ("negative_guidance",)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

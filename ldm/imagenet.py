@@ -14,7 +14,7 @@ def load_resnet50(device):
     try:
         from torchvision.models import ResNet50_Weights, resnet50
     except ImportError:
-        raise UsageError("--classifier resnet50 needs torchvision: pip install a torchvision built for this "
+        raise UsageError("the ResNet-50 classifier needs torchvision: pip install a torchvision built for this "
                          "torch version") from None
     weights = ResNet50_Weights.IMAGENET1K_V1  # torchvision's pretrained=True, as ESD used
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name

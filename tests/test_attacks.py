@@ -225,6 +225,10 @@ def test_benchmark_on_another_base_needs_its_judge_and_prompts(small_config_path
     line = one_line_error(run_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path",
                                      small_ckpt, "--concepts", "nudity", "--save_path", tmp_path))
     assert "needs --judge nudenet|resnet50 and --prompts_path" in line
+    line = one_line_error(run_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path",
+                                     small_ckpt, "--concepts", "nudity", "--save_path", tmp_path, "--judge", "nudenet",
+                                     "--prompts_path", tmp_path / "{concept}.csv"))
+    assert "no prompt file" in line and "nudity.csv" in line
 
 
 @pytest.mark.slow
