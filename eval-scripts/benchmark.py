@@ -51,27 +51,26 @@ def main():
     base_sha256 = compvis_identity(args.config_path, args.ckpt_path)["sha256"]
     settings = {"base_sha256": base_sha256, "num_samples": args.num_samples, "ddim_steps": args.ddim_steps,
                 "attack_steps": args.attack_steps, "generations": args.generations, "erase_args": args.erase_args}
-    sd = None
     if base_sha256 != compvis_identity(DEFAULT_CONFIG, DEFAULT_CKPT)["sha256"]:  # another base: its judge and prompts join the cells' hash
         if args.judge in (None, "tiny-sd") or not args.prompts_path:
             raise UsageError("a base other than tiny-sd needs --judge nudenet|resnet50 and --prompts_path (the "
                              "tiny-sd evaluator and prompt sets know only tiny-sd's concepts)")
-        sd = {"config_path": args.config_path, "ckpt_path": args.ckpt_path, "judge": args.judge,
-              "prompts_path": args.prompts_path, "image_size": args.image_size}
         prompt_files = {c: resolve_path(concept_prompts(args.prompts_path, c)) for c in concepts}
         missing = [str(path) for path in prompt_files.values() if not path.is_file()]
         if missing:
             raise UsageError(f"--prompts_path: no prompt file {', '.join(missing)}")
-        settings["sd"] = {**sd, "prompts_sha256": {c: sha256_of(path) for c, path in prompt_files.items()}}
+        settings["sd"] = {"config_path": args.config_path, "ckpt_path": args.ckpt_path, "judge": args.judge,
+                          "prompts_path": args.prompts_path, "image_size": args.image_size,
+                          "prompts_sha256": {c: sha256_of(path) for c, path in prompt_files.items()}}
     results = []
     for concept in concepts:
         for method in methods:
             cell = Cell(method, concept, args.save_path, settings)
             result = cell.finished()
             print(f"{method} on '{concept}': {'finished earlier' if result else 'running'} ({cell.folder})", flush=True)
-            results.append(result or cell.run(sd))
+            results.append(result or cell.run())
     table = leaderboard(results)
-    base_name = "tiny-sd" if sd is None else f"{args.ckpt_path}, judge {args.judge}"
+    base_name = "tiny-sd" if "sd" not in settings else f"{args.ckpt_path}, judge {args.judge}"
     png = save_leaderboard(table, args.save_path, f"{base_name} ({base_sha256[:12]}): {args.num_samples} images per "
                                                    f"prompt, {args.ddim_steps} DDIM steps")
     print(table.to_string(index=False))

@@ -5,6 +5,7 @@ model from the same start noise, with the tiny-sd evaluator's verdict.
 Erasing runs ``train-scripts/train-<method>.py`` in a child process (the table of ``ldm.leaderboard.METHODS``),
 so a run from the page is saved exactly as the script saves it, and the page stays free while it trains.
 """
+import json
 import re
 import subprocess
 import sys
@@ -94,44 +95,44 @@ def error_line(output):
     return (errors or lines or ["(no output)"])[-1]
 
 
-def run_concepts(run_dir):
-    """The concepts a run erased: its separable terms' concepts (SepCE, CPE), else its recorded prompt."""
-    from ldm.erasure.runs import read_term, term_files
-    terms = [read_term(path)[1]["concept"] for path in term_files(run_dir)]
+def run_concepts(run_dir, run=None):
+    """The concepts a run erased: its separable terms' concepts (SepCE, CPE), else its recorded prompt
+    (``run``: its config's ``run:`` section, when already read)."""
+    from ldm.erasure.runs import term_concepts
+    terms = list(term_concepts(run_dir))
     if terms:
         return terms
-    prompt = load_config(Path(run_dir) / "config.yaml").run.get("prompt")
+    prompt = (run if run is not None else load_config(Path(run_dir) / "config.yaml").run).get("prompt")
     return [prompt] if prompt else []
 
 
-def report_of(name, outputs=REPO_ROOT / "outputs"):
-    """The newest erasure report of run ``name`` under ``outputs`` (``erasure-report.py``, the benchmark),
-    as its summary table, or None."""
-    found = [*outputs.glob(f"*/reports/{name}/summary.csv"), *outputs.glob(f"*/cells/*/erasure/reports/{name}/summary.csv")]
-    if not found:
-        return None
-    return pd.read_csv(max(found, key=lambda p: p.stat().st_mtime))
+def report_paths(outputs=REPO_ROOT / "outputs"):
+    """``{run name: its newest erasure report's summary.csv}`` under ``outputs`` (``erasure-report.py``'s
+    folders and the benchmark's cells), found in one pass."""
+    found = [*outputs.glob("*/reports/*/summary.csv"), *outputs.glob("*/cells/*/erasure/reports/*/summary.csv")]
+    newest = {}
+    for path in sorted(found, key=lambda p: p.stat().st_mtime):
+        newest[path.parent.name] = path
+    return newest
 
 
 def list_runs(root=MODELS_DIR):
     """Every run under ``root``: name, method, concepts, the settings that matter, training time and, when
     an erasure report exists, its efficacy and same-attribute figures."""
-    from ldm.erasure.runs import run_method
-    rows = []
+    from ldm.erasure.runs import is_run_dir
+    reports, rows = report_paths(), []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
-        method = run_method(folder)
-        if method is None:
+        if not is_run_dir(folder):
             continue
         run = load_config(folder / "config.yaml").run
-        method = f"{method} ({run.train_method})" if method == "esd" and run.get("train_method") else method
-        row = {"run": folder.name, "method": method,
-               "concepts": ", ".join(run_concepts(folder)), "iterations": run.get("iterations"), "lr": run.get("lr")}
+        method = f"{run.method} ({run.train_method})" if run.method == "esd" and run.get("train_method") else run.method
+        row = {"run": folder.name, "method": method, "concepts": ", ".join(run_concepts(folder, run)),
+               "iterations": run.get("iterations"), "lr": run.get("lr")}
         training = folder / "training.json"
         if training.is_file():
-            import json
             row["seconds"] = json.loads(training.read_text()).get("training_seconds_this_process")
-        report = report_of(folder.name)
-        if report is not None:
+        if folder.name in reports:
+            report = pd.read_csv(reports[folder.name])
             found = report[report.measure.str.endswith("found, combined")]
             same = report[(report.group == "same attribute") & report.measure.str.startswith("other ")]
             if len(found):
@@ -230,6 +231,7 @@ def build_app(cache, evaluator_path=None):
 
     import gradio as gr
 
+    from ldm.erasure.runs import term_concepts
     from ldm.evaluator import load_evaluator
     evaluator = load_evaluator(evaluator_path, cache.device) if evaluator_path else None
     model_flags = base_model_flags(cache.base(), cache.base_flags)
@@ -265,17 +267,14 @@ def build_app(cache, evaluator_path=None):
     def concepts_of(name):
         if not name:
             return gr.update(choices=[], value=[], visible=False)
-        from ldm.erasure.runs import term_files
-        concepts = run_concepts(MODELS_DIR / name) if term_files(MODELS_DIR / name) else []
+        concepts = list(term_concepts(MODELS_DIR / name))  # only separate terms can be switched off
         return gr.update(choices=concepts, value=concepts, visible=bool(concepts))
 
     def compare(prompt, seed, name, on, guidance_scale, ddim_steps):
         try:
             if not name:
                 raise UsageError("pick an edited model (a run) to compare with the base")
-            from ldm.erasure.runs import term_files
-            separable = bool(term_files(MODELS_DIR / name))  # only separate terms can be switched off
-            off = [c for c in run_concepts(MODELS_DIR / name) if c not in (on or [])] if separable else []
+            off = [c for c in term_concepts(MODELS_DIR / name) if c not in (on or [])]
             base, edited = cache.base().model, cache.get(name, off).model
             before, after = draw_pair(base, edited, prompt, seed, guidance_scale, ddim_steps)
         except UsageError as error:

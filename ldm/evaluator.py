@@ -6,11 +6,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from ldm.data.concepts import ATTRIBUTES, SIZE, render, sample_attributes
-from ldm.util import UsageError, atomic_path, tensors_sha256
+from ldm.util import UsageError, atomic_save_safetensors, tensors_sha256
 
 HEADS = tuple(ATTRIBUTES)  # object, color, style
 
@@ -178,9 +178,7 @@ def save_evaluator(model, path, first_stage=None):
                 "renderer_sha256": world_fingerprint(0, 0)["renderer_sha256"]}
     if first_stage is not None:
         metadata["autoencoder_sha256"] = tensors_sha256(first_stage.state_dict())
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
-    return path
+    return atomic_save_safetensors(model.state_dict(), path, metadata)
 
 
 def check_autoencoder(evaluator, first_stage):

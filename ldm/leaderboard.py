@@ -98,11 +98,13 @@ class Cell:
                 return result
         return None
 
-    def run(self, sd=None):
-        """Erase, report, attack (UnlearnDiffAtk, Ring-A-Bell); write and return the cell's result. ``sd``
-        (a base other than tiny-sd): {"config_path", "ckpt_path", "judge", "prompts_path", "image_size"}."""
+    def run(self):
+        """Erase, report, attack (UnlearnDiffAtk, Ring-A-Bell); write and return the cell's result. A base other
+        than tiny-sd is the settings' ``sd`` section: {"config_path", "ckpt_path", "judge", "prompts_path",
+        "image_size", "prompts_sha256"}."""
         self.folder.mkdir(parents=True, exist_ok=True)
         s = self.settings
+        sd = s.get("sd")
         script, flags = METHODS[self.method]
         base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
         seconds, peak_mb = run_child([f"train-scripts/{script}", "--prompt", self.concept, *flags, *base_flags,

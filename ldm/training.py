@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ldm.plots import save_loss_plot
-from ldm.util import UsageError, atomic_path, atomic_save, atomic_to_csv, atomic_write_text, dict_differences
+from ldm.util import UsageError, atomic_save, atomic_save_safetensors, atomic_to_csv, atomic_write_text, dict_differences
 
 
 def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, save_every=500,
@@ -104,8 +104,5 @@ def export_checkpoint(model, path, half=True, metadata=None):
     ``metadata`` as strings) or ``.ckpt`` (``{"state_dict": ...}``, loadable with ``weights_only=True``)."""
     state_dict = compvis_state_dict(model, half)
     if Path(path).suffix == ".safetensors":
-        from safetensors.torch import save_file
-        with atomic_path(path) as tmp:
-            save_file(state_dict, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        return Path(path)
+        return atomic_save_safetensors(state_dict, path, metadata)
     return atomic_save({"state_dict": state_dict}, path)

@@ -205,6 +205,15 @@ def atomic_save(obj, path):
     return Path(path)
 
 
+def atomic_save_safetensors(tensors, path, metadata=None):
+    """Write ``tensors`` as safetensors to ``path`` atomically (contiguous copies; ``metadata`` values as strings)."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return Path(path)
+
+
 def atomic_write_text(path, text):
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -47,7 +47,8 @@ def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run,
     assert torch.equal(ours.state_dict()[trained], run.model.state_dict()[trained].half().float())
 
     # diffusers' single-file loader, offline, with the pipeline layout of the base as its config
-    layout = save_diffusers(load_model("tiny-sd").model, run.config, tmp_path / "layout")
+    base = load_model("tiny-sd").model
+    layout = save_diffusers(base, run.config, tmp_path / "layout")
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(layout), local_files_only=True,
                                                     torch_dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -64,7 +65,6 @@ def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run,
     assert (mine - x_T).abs().max() > 0.1
     assert (mine - theirs).abs().max() <= 1e-3
     # and the edit is in it: the base draws differently from the same latents
-    base = load_model("tiny-sd").model
     with torch.no_grad():
         before, _ = ddim_sample(base, x_T, base.get_learned_conditioning(prompts),
                                 base.get_learned_conditioning([""] * 2), 7.5, num_steps=20)

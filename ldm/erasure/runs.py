@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm.loading import LoadedModel, make_identity, sha256_of, warn
 from ldm.paths import MODELS_DIR, resolve_path
-from ldm.util import (UsageError, atomic_path, atomic_save, atomic_write_text, dict_differences, load_config,
-                      load_model_from_config)
+from ldm.util import (UsageError, atomic_path, atomic_save, atomic_save_safetensors, atomic_write_text,
+                      dict_differences, load_config, load_model_from_config)
 
 TRAINED_PARAMS = "trained-params.safetensors"
 TERM_PREFIX = "term-"
@@ -72,9 +72,7 @@ def write_run_config(run_dir, model_config, run_args, base):
 
 def save_trained_params(run_dir, state_dict, metadata):
     """Write the trained parameters (CompVis keys) as safetensors, atomically."""
-    with atomic_path(Path(run_dir) / TRAINED_PARAMS) as tmp:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in metadata.items()})
+    atomic_save_safetensors(state_dict, Path(run_dir) / TRAINED_PARAMS, metadata)
 
 
 def apply_trained_params(model, path):
@@ -106,6 +104,19 @@ def term_files(run_dir):
     return sorted(Path(run_dir).glob(f"{TERM_PREFIX}*.safetensors"))
 
 
+def term_concepts(run_dir):
+    """``{concept: term file}`` of a run, read from the files' metadata alone (no tensors loaded)."""
+    from safetensors import safe_open
+    concepts = {}
+    for path in term_files(run_dir):
+        with safe_open(str(path), "pt") as f:
+            concept = (f.metadata() or {}).get("concept")
+        if concept is None:
+            raise UsageError(f"'{path}' is not a separable term (no concept in its metadata)")
+        concepts[concept] = path
+    return concepts
+
+
 def read_term(path):
     """One term file: ``(tensors, metadata)``; the metadata names at least ``concept``."""
     from safetensors import safe_open
@@ -118,11 +129,7 @@ def read_term(path):
 
 def save_term(run_dir, concept, tensors, metadata):
     """Write one concept's term atomically; returns its path."""
-    path = Path(run_dir) / term_file_name(concept)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in {**metadata, "concept": concept}.items()})
-    return path
+    return atomic_save_safetensors(tensors, Path(run_dir) / term_file_name(concept), {**metadata, "concept": concept})
 
 
 def run_method(run_dir):
@@ -205,7 +212,7 @@ def restore_concept(run_dir, concept, new_name, overwrite=False, root=MODELS_DIR
     run_dir = Path(run_dir)
     if (Path(root) / new_name).resolve() == run_dir.resolve():
         raise UsageError("--run_name must differ from --model_name: a restore writes a new run")
-    terms = {read_term(p)[1]["concept"]: p for p in term_files(run_dir)}
+    terms = term_concepts(run_dir)
     if not terms:
         raise UsageError(f"run '{run_dir.name}' has no separable terms (it is a {run_method(run_dir)} run); "
                          "only runs whose concepts are separate terms (SepCE, CPE) can restore one")
