@@ -12,11 +12,11 @@ import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.demo import ModelCache, build_app
-from ldm.paths import MODELS_DIR
+from ldm.paths import EVALUATOR_PATH
 from ldm.util import UsageError
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves every network interface: only if asked")
     parser.add_argument("--port", type=int, default=7860)
@@ -24,9 +24,9 @@ def main():
     parser.add_argument("--config_path", help="the base model as a CompVis config, with --ckpt_path")
     parser.add_argument("--ckpt_path")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"),
+    parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH),
                         help="the tiny-sd evaluator for verdicts ('' for none, as on SD weights)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port number")
     cache = ModelCache(parse_device(args.device), {"model_name": args.model_name, "config_path": args.config_path,

@@ -74,7 +74,7 @@ def build_model(args, device):
     return instantiate_from_config(config.model).to(device).eval()  # random weights, SD v1 shapes
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--size", choices=["tiny-sd", "sd-v1"], default="tiny-sd")
     parser.add_argument("--device", default="cpu")
@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--targets_per_trajectory", type=int, default=20)
     parser.add_argument("--ddim_steps", type=int, default=50)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = parse_device(args.device)
     base = build_model(args, device)
     image_size = pixel_size(base)

@@ -28,8 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, new_parser, run
-from ldm.loading import compvis_identity
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.identity import compvis_identity
+from ldm.paths import REPO_ROOT, models_dir
 from ldm.util import UsageError, atomic_to_csv, file_sha256
 
 
@@ -129,7 +129,7 @@ def _script(path, *args):
     return result
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--concepts", help="comma-separated tiny-sd concepts")
     parser.add_argument("--table", nargs="+", metavar="CSV", help="print these sweep CSVs as Markdown and stop")
@@ -139,7 +139,7 @@ def main():
     parser.add_argument("--fixed", default="", help="flags for every run, e.g. \"--train_method xattn\"")
     parser.add_argument("--report_flags", default="", help="flags for erasure-report.py, e.g. \"--num_samples 10\"")
     parser.add_argument("--out", default=str(REPO_ROOT / "outputs/esd-sweep.csv"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.table:
         for path in args.table:
             if not Path(path).is_file():
@@ -161,7 +161,7 @@ def main():
         for flags in settings:
             name = sweep_run_name(concept, {**flags, "fixed": args.fixed}, base_sha256)
             report_dir = REPO_ROOT / "outputs/erasure/reports" / name
-            seconds_file = MODELS_DIR / name / "erase-seconds.txt"
+            seconds_file = models_dir() / name / "erase-seconds.txt"
             if not seconds_file.is_file():  # written once the erase has finished
                 train = ["--prompt", concept, "--run_name", name, "--overwrite", "--no_diffusers",
                          *[x for k, v in flags.items() for x in (f"--{k}", v)], *fixed]

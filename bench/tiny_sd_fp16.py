@@ -15,18 +15,18 @@ from ldm.data.prompt_sets import quality_prompts
 from ldm.evaluator import HEADS, classify, load_evaluator
 from ldm.generate import generate, latent_shape, sample_noise
 from ldm.models.diffusion import text_supervised
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT
 from ldm.util import (instantiate_from_config, load_checkpoint_file, load_config, load_state_dict_strict,
                       state_dict_from_checkpoint)
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--training_ckpt", default=str(REPO_ROOT / "outputs/train-tiny-sd/diffusion/last.ckpt"))
     parser.add_argument("--config", default=str(REPO_ROOT / "configs/tiny-sd/tiny-sd.yaml"))
     parser.add_argument("--samples", type=int, default=2, help="images per quality prompt")
     parser.add_argument("--ddim_steps", type=int, default=50)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     config = text_supervised.training_config(load_config(args.config))
     model = instantiate_from_config(config.model)
     load_state_dict_strict(model, state_dict_from_checkpoint(load_checkpoint_file(args.training_ckpt)),
@@ -42,7 +42,7 @@ def main():
     shape = latent_shape(model)
     x_T = torch.cat([sample_noise(seed, args.samples, shape) for seed in prompts["evaluation_seed"]])
     texts = [p for p in prompts["prompt"] for _ in range(args.samples)]
-    evaluator = load_evaluator(MODELS_DIR / "tiny-sd" / "evaluator.safetensors")
+    evaluator = load_evaluator(EVALUATOR_PATH)
     images = {}
     for name in ("fp32", "fp16"):
         if name == "fp16":

@@ -17,7 +17,7 @@ from ldm.util import instantiate_from_config
 SIZES = {"sd-v1": {}, "reduced": {"model_channels": 64}}
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", choices=SIZES, default="reduced", help="sd-v1: 859.52M; reduced: width 64")
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--latent", type=int, default=32, help="latent side (64 for 512 px)")
     parser.add_argument("--iters", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = parse_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 

@@ -28,14 +28,13 @@ from ldm.attacks.judges import JUDGES, NUDENET_THRESHOLD, default_judge, make_ju
 from ldm.cli import new_parser, parse_device, run
 from ldm.data.prompt_sets import all_concepts, concept_filename
 from ldm.erasure.cie import templates_of
-from ldm.erasure.runs import load_run_base
-from ldm.loading import load_model
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.loading import load_model, load_run_base
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT
 from ldm.prompts import read_prompts
 from ldm.util import UsageError, file_sha256
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", required=True, help="the erased model: a run under models/, tiny-sd, or "
                                                              "a name for --config_path/--ckpt_path")
@@ -65,8 +64,8 @@ def main():
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--ddim_steps", type=int, default=50)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
-    args = parser.parse_args()
+    parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH))
+    args = parser.parse_args(argv)
 
     judge_name = args.judge or default_judge(args.concept)
     if args.prompts_path is None and args.concept not in all_concepts():

@@ -22,15 +22,17 @@ Ring-A-Bell's search needs a GPU there (see README, "What needs a GPU").
 """
 from ldm.attacks.judges import JUDGES
 from ldm.cli import DEFAULT_CONFIG, DEFAULT_CKPT, add_model_args, new_parser, run
-from ldm.leaderboard import METHODS, Cell, check_methods, concept_prompts, leaderboard, save_leaderboard
-from ldm.loading import compvis_identity, sha256_of
+from ldm.erasure import methods as registry
+from ldm.identity import compvis_identity, sha256_of
+from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, save_leaderboard
 from ldm.paths import resolve_path
 from ldm.util import UsageError
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(registry.benchmarked()),
+                        help=f"comma-separated, of {', '.join(registry.METHODS)}")
     parser.add_argument("--concepts", default="Van Gogh,star", help="comma-separated tiny-sd concepts")
     parser.add_argument("--save_path", default="outputs/benchmark")
     parser.add_argument("--num_samples", type=int, default=10, help="report: images per prompt")
@@ -44,7 +46,7 @@ def main():
     parser.add_argument("--prompts_path", help="a base other than tiny-sd: each concept's prompts ('{concept}' = "
                                                "the concept's file stem)")
     parser.add_argument("--image_size", type=int, help="attacks' image size (default: the model's own)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]

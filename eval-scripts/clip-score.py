@@ -15,7 +15,7 @@ from ldm.prompts import read_prompts
 from ldm.util import atomic_write_text
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--folder", required=True, help="images named <case_number>_<i>.png")
     parser.add_argument("--prompts_path", required=True, help="the CSV the images were made from")
@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--save_path", default=None, help="JSON with the score and what it was computed on")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prompts = read_prompts(args.prompts_path, skip_empty=True)
     score = clip_score(args.folder, dict(zip(prompts["case_number"], prompts["prompt"])), args.clip_model,
                        args.batch_size, parse_device(args.device))

@@ -9,13 +9,15 @@ Prints the table and writes --save_path/<run>.csv.
 from pathlib import Path
 
 from ldm.cli import new_parser, run
-from ldm.erasure.cie import direction_by_timestep, encode_images, read_images
-from ldm.erasure.runs import find_run
+from ldm.erasure import methods
+from ldm.erasure.cie import direction_by_timestep
+from ldm.erasure.concept_data import encode_images, read_images
 from ldm.loading import load_model
+from ldm.runs import find_run
 from ldm.util import UsageError, atomic_to_csv, load_config
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", required=True, help="a CiE or SepCE run")
     parser.add_argument("--base_model", default="tiny-sd")
@@ -23,16 +25,18 @@ def main():
     parser.add_argument("--num_latents", type=int, default=16)
     parser.add_argument("--timesteps", default="900,600,300,100")
     parser.add_argument("--save_path", default="outputs/direction-by-timestep")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    folder = find_run(args.model_name, "--model_name", ["cie", "sepce"])
+    folder = find_run(args.model_name, "--model_name", lambda config: methods.method_of_run(config).concept_images,
+                      "a run trained on the concept's images (" + ", ".join(
+                          m.name for m in methods.REGISTRY if m.concept_images) + ")")
     settings = load_config(folder / "config.yaml").run
     data_dir = args.data_dir or settings.data.folder
     if not Path(data_dir).is_dir():
         raise UsageError(f"the run's training images '{data_dir}' are gone; give --data_dir")
     base, edited = load_model(args.base_model).model, load_model(str(folder)).model
     latents = encode_images(base, read_images(data_dir))[: args.num_latents]
-    table = direction_by_timestep(base, edited, latents, settings.concept,
+    table = direction_by_timestep(base, edited, latents, settings.prompt,
                                   [int(t) for t in args.timesteps.split(",")])
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     atomic_to_csv(table, Path(args.save_path) / f"{folder.name}.csv")

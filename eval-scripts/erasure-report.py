@@ -21,17 +21,19 @@ import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.data.prompt_sets import all_concepts, attribute_erasure_prompts, concept_filename
-from ldm.erasure.report import (attribute_erasure_summary, bars_for, comparison_rows, erasure_summary, format_summary,
+from ldm.erasure.methods import ESD_BARS, method_of_run
+from ldm.erasure.report import (attribute_erasure_summary, comparison_rows, erasure_summary, format_summary,
                                 per_concept_accuracy, stack_pairs)
 from ldm.evaluation import classify_folder, read_images
 from ldm.evaluator import check_autoencoder, load_evaluator
 from ldm.metrics import evaluator_fid
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
 from ldm.loading import model_folder
+from ldm.runs import read_run_config
 from ldm.text2image import check_settings, generation_settings, load_generator, make_jobs, run_jobs, settings_key
-from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256, load_config
+from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256
 
 
 def generate_and_classify(model_name, generator, prompts, args, evaluator):
@@ -49,7 +51,7 @@ def generate_and_classify(model_name, generator, prompts, args, evaluator):
     return classify_folder(evaluator, out_dir), generator.identity, out_dir
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", required=True, help="the edited model: a run folder under models/")
     parser.add_argument("--base_model", default="tiny-sd")
@@ -66,14 +68,17 @@ def main():
     parser.add_argument("--ddim_steps", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=40)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
+    parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH))
     parser.add_argument("--force_base", action="store_true",
                         help="load a run whose base checkpoint differs from the one it was trained on")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    folder = model_folder(args.model_name)
-    run_args = load_config(folder / "config.yaml").get("run", {})
+    run_config = read_run_config(model_folder(args.model_name))
+    run_args = run_config.run if run_config is not None else {}
     concept = args.concept or run_args.get("prompt")
+    if concept is None:
+        raise UsageError(f"'{args.model_name}' is not an erasure run, so it names no erased concept; pass --concept "
+                         "(one of tiny-sd's concepts) or --model_name a run")
     erase_from = args.erase_from or (run_args.get("erase_from") if concept == run_args.get("prompt") else None)
     for name in (concept, erase_from):
         if name is not None and name not in all_concepts():
@@ -102,7 +107,7 @@ def main():
     base, edited = results[args.base_model][0], results[args.model_name][0]
     identities = {"base": results[args.base_model][1], "edited": results[args.model_name][1]}
 
-    bars = bars_for(run_args.get("method"))  # the bars of the run's method, as its issue set them
+    bars = method_of_run(run_config).bars if run_config is not None else ESD_BARS  # the run's method's bars
     summary = (attribute_erasure_summary(concept, erase_from, base, edited, prompts, bars=bars) if erase_from
                else erasure_summary(concept, base, edited, prompts, bars=bars))
     for role, identity in identities.items():  # every figure says which weights made it

@@ -15,23 +15,23 @@ import torch
 from ldm.cli import new_parser, parse_device, run
 from ldm.evaluator import load_evaluator
 from ldm.metrics import INCEPTION_WEIGHTS, evaluator_fid, frechet_distance, inception_fid_metric
-from ldm.paths import MODELS_DIR
+from ldm.paths import EVALUATOR_PATH
 from ldm.util import atomic_write_text
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--real_folder", required=True, help="the reference images (e.g. COCO, or the base model's)")
     parser.add_argument("--fake_folder", required=True, help="the images to score")
     parser.add_argument("--features", choices=["inception", "tiny-sd"], default="inception")
     parser.add_argument("--inception_weights", default=str(INCEPTION_WEIGHTS))
-    parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
+    parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH))
     parser.add_argument("--image_size", type=int, default=299,
                         help="Inception: every image is resized (PIL bicubic) to this square first")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--save_path", default=None, help="JSON with the distance and what it was computed on")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = parse_device(args.device)
     if args.features == "tiny-sd":
         distance, real, fake = evaluator_fid(load_evaluator(args.evaluator_path, device), Path(args.real_folder),

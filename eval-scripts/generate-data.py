@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from ldm.cli import new_parser, parse_device, run
-from ldm.erasure.cie import generate_concept_images
+from ldm.erasure.concept_data import generate_concept_images
 from ldm.text2image import load_generator
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", default="tiny-sd", help="folder under models/ (a base model or a run)")
     parser.add_argument("--prompt", required=True, help="the concept to draw, e.g. 'Van Gogh'")
@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder made otherwise")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from ldm.util import UsageError
     if not args.prompt.strip() or args.num_samples < 1:

@@ -18,7 +18,7 @@ from ldm.text2image import (check_settings, clear_stale_images, generation_setti
                             make_jobs, run_jobs, shard)
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", default=None, help="folder under models/ (default tiny-sd), or the output "
                         "name when --ckpt_path/--diffusers_path is given")
@@ -43,7 +43,7 @@ def main():
                         help="load a run whose base checkpoint differs from the one it was trained on")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the folder's images: regenerate them, and delete those this run does not make")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     prompts = read_prompts(args.prompts_path, require_guidance=args.guidance_from_csv,
                            skip_empty=args.skip_empty_prompts)  # bad CSVs fail before any model loads

@@ -16,12 +16,12 @@ from ldm.cli import new_parser, parse_device, run
 from ldm.evaluation import accuracy_by_attribute, classify_folder, correct_table, list_images, seed_diversity
 from ldm.evaluator import load_evaluator
 from ldm.imagenet import classify_folder_imagenet
-from ldm.paths import MODELS_DIR
+from ldm.paths import EVALUATOR_PATH
 from ldm.prompts import read_prompts
 from ldm.util import atomic_to_csv
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--folder_path", required=True)
     parser.add_argument("--prompts_path", default=None, help="the CSV the images were made from")
@@ -30,8 +30,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--classifier", choices=["tiny-sd", "resnet50"], default="tiny-sd")
-    parser.add_argument("--evaluator_path", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
-    args = parser.parse_args()
+    parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH))
+    args = parser.parse_args(argv)
     prompts = read_prompts(args.prompts_path, skip_empty=True) if args.prompts_path else None
     device = parse_device(args.device)
 

@@ -22,7 +22,7 @@ from ldm.prompts import read_prompts
 from ldm.util import UsageError, atomic_to_csv
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--folder", required=True, help="images named <case_number>_<i>.png")
     parser.add_argument("--prompts_path", default=None, help="the CSV the images were made from")
@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--classes", default=None, help="comma-separated NudeNet classes (default: every *_EXPOSED)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--compare", default=None, help="another model's _summary.csv: report the change from it")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     classes = parse_classes(args.classes)
     if not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold {args.threshold} is not a score; give a value in [0, 1]")

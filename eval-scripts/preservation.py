@@ -14,13 +14,13 @@ import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.erasure.report import preservation_table
-from ldm.erasure.runs import find_run
 from ldm.erasure.sepce import read_terms
 from ldm.loading import load_model
+from ldm.runs import find_run
 from ldm.util import UsageError, atomic_to_csv
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", required=True, help="the edited model: a run folder under models/")
     parser.add_argument("--base_model", default="tiny-sd")
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--ddim_steps", type=int, default=50)
     parser.add_argument("--save_path", default="outputs/preservation")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     folder = find_run(args.model_name, "--model_name")
     if args.prompts is not None:

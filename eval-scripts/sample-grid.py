@@ -12,7 +12,7 @@ from ldm.plots import save_image_grid
 from ldm.util import UsageError
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", default="tiny-sd")
     parser.add_argument("--out", default=None, help="PNG path (default outputs/<model_name>-grid.png)")
@@ -22,7 +22,7 @@ def main():
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--force_base", action="store_true",
                         help="load a run whose base checkpoint differs from the one it was trained on")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     loaded = load_model(args.model_name, device=parse_device(args.device), force_base=args.force_base)
     if loaded.kind == "diffusers":
         raise UsageError(f"'{args.model_name}' is a diffusers folder; the grid draws CompVis models and run folders")

@@ -20,12 +20,12 @@ from ldm.text_geometry import NULL_SPACE_RTOL, direction_consistency, text_side_
 from ldm.util import UsageError, atomic_to_csv
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", default="tiny-sd")
     parser.add_argument("--rtol", type=float, default=NULL_SPACE_RTOL)
     parser.add_argument("--save_path", help="CSV (default outputs/text-geometry/<model_name>.csv)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     loaded = load_model(args.model_name)
     if loaded.kind == "diffusers":
         raise UsageError("text-geometry reads CompVis models and run folders; convert a diffusers folder first")

@@ -4,17 +4,18 @@ import sys
 
 import torch
 
-from ldm.paths import MODELS_DIR
+from ldm.paths import TINY_SD_DIR
 from ldm.util import UsageError
 
-DEFAULT_CONFIG = MODELS_DIR / "tiny-sd" / "config.yaml"
-DEFAULT_CKPT = MODELS_DIR / "tiny-sd" / "model.ckpt"
+DEFAULT_CONFIG = TINY_SD_DIR / "config.yaml"
+DEFAULT_CKPT = TINY_SD_DIR / "model.ckpt"
 
 
-def run(main):
-    """Call ``main()``; a UsageError becomes ``error: <message>`` on stderr and exit status 2."""
+def run(main, argv=None, **kwargs):
+    """Call ``main(argv, **kwargs)`` (``argv`` None: the command line); a UsageError becomes ``error: <message>``
+    on stderr and exit status 2."""
     try:
-        main()
+        main(argv, **kwargs)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.training import export_checkpoint
 from ldm.util import UsageError
 
 
@@ -128,14 +129,13 @@ def save_single_file(loaded, path, half=True, overwrite=False):
     """Write a loaded model (a CompVis model or a run, its edit folded into the weights) as one CompVis-format
     file, atomically: ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``,
     fp16 parameters by default. A CPE run is refused: its gates depend on the prompt and fold into no weight."""
-    from ldm.erasure.runs import run_method
-    from ldm.training import export_checkpoint
     path = Path(path)
     if path.suffix[1:] not in SINGLE_FILE_FORMATS:
         raise UsageError(f"'{path}': a single-file checkpoint ends in .safetensors or .ckpt")
-    if loaded.kind == "run" and run_method(loaded.folder) == "cpe":
-        raise UsageError(f"'{loaded.name}' is a CPE run: its gates depend on the prompt and cannot be folded into "
-                         "static weights; use the diffusers adapter (ldm.erasure.cpe.apply_to_diffusers)")
+    if loaded.method is not None and not loaded.method.foldable:
+        raise UsageError(f"'{loaded.name}' is a {loaded.method.name} run: its edit depends on the prompt and cannot be "
+                         "folded into static weights; apply it to a diffusers pipeline with its registry entry's "
+                         "apply_to_diffusers")
     if loaded.kind == "diffusers":
         raise UsageError(f"'{loaded.name}' is a diffusers folder; export a CompVis model or a run")
     if path.exists() and not overwrite:

@@ -2,8 +2,9 @@
 list the saved runs with their settings and report figures, and draw a prompt with the base and an edited
 model from the same start noise, with the tiny-sd evaluator's verdict.
 
-Erasing runs ``train-scripts/train-<method>.py`` in a child process (the table of ``ldm.leaderboard.METHODS``),
-so a run from the page is saved exactly as the script saves it, and the page stays free while it trains.
+Erasing runs ``train-scripts/erase.py --method <method>`` in a child process (any method of the registry,
+``ldm.erasure.methods``), so a run from the page is saved exactly as the script saves it, and the page stays
+free while it trains.
 """
 import json
 import re
@@ -14,14 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from ldm.leaderboard import METHODS
-from ldm.paths import MODELS_DIR, REPO_ROOT
-from ldm.util import UsageError, load_config
+from ldm.erasure import methods
+from ldm.erasure.settings import setting_fields
+from ldm.evaluator import classify, load_evaluator
+from ldm.generate import generate, latent_shape, seeded_noise
+from ldm.loading import CHECKPOINT_NAMES, load_model
+from ldm.paths import REPO_ROOT, models_dir, outputs_dir
+from ldm.runs import check_run_name, prepare_run_dir, read_run_config, restore_concept, term_concepts
+from ldm.util import UsageError
 
 # tqdm's line: "<desc>:  45%|####      | 90/200 [00:14<00:17,  6.40it/s, loss=0.0013]"
 PROGRESS = re.compile(r"(?P<desc>[^\r\n|]*?):?\s+\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)[^\]]*?(?:loss=(?P<loss>[-+.\deE]+))?\]")
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def default_run_name(method, concept):
@@ -33,24 +39,20 @@ def erase_command(method, concept, run_name=None, iterations=None, lr=None, nega
                   overwrite=False, model_flags=()):
     """The train-script command line for an erase from the page, every input checked (a UsageError names
     what is wrong); returns ``(args, run_name)``."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    entry = methods.get(method)
     concept = (concept or "").strip()
     if not concept:
         raise UsageError("type the concept to erase (e.g. 'Van Gogh')")
     run_name = (run_name or "").strip() or default_run_name(method, concept)
-    if not RUN_NAME.match(run_name):
-        raise UsageError(f"run name '{run_name}': use letters, digits, '.', '_' and '-'")
-    from ldm.erasure.runs import prepare_run_dir
+    check_run_name(run_name)
     prepare_run_dir(run_name, overwrite=overwrite, check_only=True)  # never replaces a run unless asked
     for name, value in (("iterations", iterations), ("lr", lr)):
         if value is not None and not value > 0:
             raise UsageError(f"{name} must be positive, got {value}")
-    if negative_guidance is not None and not method.startswith("esd"):
+    if negative_guidance is not None and "negative_guidance" not in {f.name for f in setting_fields(entry.settings)}:
         raise UsageError(f"negative guidance is an ESD setting; {method} has none")
-    script, flags = METHODS[method]
-    args = [f"train-scripts/{script}", "--prompt", concept, *flags, "--run_name", run_name, "--no_diffusers",
-            *model_flags]
+    args = ["train-scripts/erase.py", "--method", method, "--prompt", concept, "--run_name", run_name,
+            "--no_diffusers", *model_flags]
     for flag, value in (("--iterations", iterations), ("--lr", lr), ("--negative_guidance", negative_guidance)):
         if value is not None:
             args += [flag, str(int(value) if flag == "--iterations" else value)]
@@ -98,17 +100,17 @@ def error_line(output):
 def run_concepts(run_dir, run=None):
     """The concepts a run erased: its separable terms' concepts (SepCE, CPE), else its recorded prompt
     (``run``: its config's ``run:`` section, when already read)."""
-    from ldm.erasure.runs import term_concepts
     terms = list(term_concepts(run_dir))
     if terms:
         return terms
-    prompt = (run if run is not None else load_config(Path(run_dir) / "config.yaml").run).get("prompt")
+    prompt = (run if run is not None else read_run_config(run_dir).run).get("prompt")
     return [prompt] if prompt else []
 
 
-def report_paths(outputs=REPO_ROOT / "outputs"):
+def report_paths(outputs=None):
     """``{run name: its newest erasure report's summary.csv}`` under ``outputs`` (``erasure-report.py``'s
     folders and the benchmark's cells), found in one pass."""
+    outputs = outputs or outputs_dir()
     found = [*outputs.glob("*/reports/*/summary.csv"), *outputs.glob("*/cells/*/erasure/reports/*/summary.csv")]
     newest = {}
     for path in sorted(found, key=lambda p: p.stat().st_mtime):
@@ -116,17 +118,16 @@ def report_paths(outputs=REPO_ROOT / "outputs"):
     return newest
 
 
-def list_runs(root=MODELS_DIR):
+def list_runs(root=None):
     """Every run under ``root``: name, method, concepts, the settings that matter, training time and, when
     an erasure report exists, its efficacy and same-attribute figures."""
-    from ldm.erasure.runs import is_run_dir
     reports, rows = report_paths(), []
-    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
-        if not is_run_dir(folder):
+    for folder in sorted(p for p in Path(root or models_dir()).iterdir() if p.is_dir()):
+        config = read_run_config(folder)
+        if config is None:
             continue
-        run = load_config(folder / "config.yaml").run
-        method = f"{run.method} ({run.train_method})" if run.method == "esd" and run.get("train_method") else run.method
-        row = {"run": folder.name, "method": method, "concepts": ", ".join(run_concepts(folder, run)),
+        run = config.run
+        row = {"run": folder.name, "method": methods.method_of_run(config).name, "concepts": ", ".join(run_concepts(folder, run)),
                "iterations": run.get("iterations"), "lr": run.get("lr")}
         training = folder / "training.json"
         if training.is_file():
@@ -160,15 +161,13 @@ class ModelCache:
 
     def get(self, name, off=()):
         """The model ``name`` (None: the base) with the separable terms of ``off`` dropped."""
-        from ldm.erasure.runs import restore_concept
-        from ldm.loading import load_model
         key = (name, tuple(sorted(off)))
         if key not in self.models:
             if name is None:
                 loaded = load_model(self.base_flags.get("model_name"), self.base_flags.get("config_path"),
                                     self.base_flags.get("ckpt_path"), device=self.device)
             elif off:
-                folder = MODELS_DIR / name
+                folder = models_dir() / name
                 for i, concept in enumerate(sorted(off)):
                     restored = f"{name}-off{i}"
                     restore_concept(folder, concept, restored, overwrite=True, root=self.scratch)
@@ -183,7 +182,6 @@ class ModelCache:
 def base_model_flags(loaded, base_flags):
     """The train scripts' ``--config_path``/``--ckpt_path`` for the base the page shows (None for a run: the
     scripts erase from a CompVis model). ``base_flags``: what the page was started with."""
-    from ldm.loading import CHECKPOINT_NAMES
     if loaded.kind != "compvis":
         return None
     if base_flags.get("config_path"):
@@ -194,14 +192,12 @@ def base_model_flags(loaded, base_flags):
 
 def verdict(evaluator, image):
     """The tiny-sd evaluator's reading of one uint8 image: ``object: moon 0.97 · color: red 0.91 · ...``."""
-    from ldm.evaluator import classify
     found = classify(evaluator, image[None])
     return " · ".join(f"{head}: {names[0]} {probs[0].max():.2f}" for head, (names, probs) in found.items())
 
 
 def draw_pair(base, edited, prompt, seed=0, guidance_scale=7.5, ddim_steps=50):
     """The base's and the edited model's image of ``prompt`` from the same start noise (uint8 arrays)."""
-    from ldm.generate import generate, latent_shape, seeded_noise
     if not (prompt or "").strip():
         raise UsageError("type a prompt to draw")
     x_T = seeded_noise([int(seed)], latent_shape(base))
@@ -211,17 +207,15 @@ def draw_pair(base, edited, prompt, seed=0, guidance_scale=7.5, ddim_steps=50):
 
 def as_image(array):
     """A uint8 array as a PIL image (what the page shows)."""
-    from PIL import Image
     return Image.fromarray(np.asarray(array))
 
 
-METHOD_HINTS = {
-    "esd-x": "ESD-x (cross-attention): --start_guidance, --train_method, --prompt_templates, --sample_from",
-    "esd-u": "ESD-u (all but cross-attention): --start_guidance, --prompt_templates, --sample_from",
-    "cie": "CiE: --l1_weight, --tau, --warmup, --num_images, --batch_size",
-    "sepce": "SepCE: --l1_weight, --tau, --warmup, --keep 'a,b', --on RUN",
-    "cpe": "CPE: --stages, --anchors 'a,b', --nearest_anchors, --eta, --rank, --gate_rank",
-}
+def method_hints():
+    """One line per registered method: its description and its own flags (``erase.py --method M --help``)."""
+    shown = {"prompt", "iterations", "lr", "negative_guidance", "seed"}  # the page's own fields
+    return [f"**{m.name}**: {m.description}; " + ", ".join(
+        f"--{f.name}" for f in setting_fields(m.settings) if f.metadata["flag"] and f.name not in shown | set(m.fixed))
+        for m in methods.REGISTRY]
 
 
 def build_app(cache, evaluator_path=None):
@@ -231,8 +225,6 @@ def build_app(cache, evaluator_path=None):
 
     import gradio as gr
 
-    from ldm.erasure.runs import term_concepts
-    from ldm.evaluator import load_evaluator
     evaluator = load_evaluator(evaluator_path, cache.device) if evaluator_path else None
     model_flags = base_model_flags(cache.base(), cache.base_flags)
 
@@ -258,7 +250,7 @@ def build_app(cache, evaluator_path=None):
         if code != 0:
             yield f"**{error_line(output)}**", None, None, gr.update()
             return
-        folder = MODELS_DIR / name
+        folder = models_dir() / name
         loss, samples = folder / "loss.png", folder / "samples.png"
         yield (f"done: run saved to `models/{name}` (as `{shlex.join(args)}` saves it)",
                str(loss) if loss.is_file() else None, str(samples) if samples.is_file() else None,
@@ -267,14 +259,14 @@ def build_app(cache, evaluator_path=None):
     def concepts_of(name):
         if not name:
             return gr.update(choices=[], value=[], visible=False)
-        concepts = list(term_concepts(MODELS_DIR / name))  # only separate terms can be switched off
+        concepts = list(term_concepts(models_dir() / name))  # only separate terms can be switched off
         return gr.update(choices=concepts, value=concepts, visible=bool(concepts))
 
     def compare(prompt, seed, name, on, guidance_scale, ddim_steps):
         try:
             if not name:
                 raise UsageError("pick an edited model (a run) to compare with the base")
-            off = [c for c in term_concepts(MODELS_DIR / name) if c not in (on or [])]
+            off = [c for c in term_concepts(models_dir() / name) if c not in (on or [])]
             base, edited = cache.base().model, cache.get(name, off).model
             before, after = draw_pair(base, edited, prompt, seed, guidance_scale, ddim_steps)
         except UsageError as error:
@@ -289,7 +281,7 @@ def build_app(cache, evaluator_path=None):
         with gr.Tabs() as tabs:
             with gr.Tab("Erase", id="erase"):
                 with gr.Row():
-                    method = gr.Dropdown(list(METHODS), value="esd-x", label="method")
+                    method = gr.Dropdown(list(methods.METHODS), value=methods.REGISTRY[0].name, label="method")
                     concept = gr.Textbox(label="concept", placeholder="Van Gogh")
                     run_name = gr.Textbox(label="run name", placeholder="default: app-<method>-<concept>")
                 with gr.Row():
@@ -297,7 +289,7 @@ def build_app(cache, evaluator_path=None):
                     lr = gr.Number(None, label="learning rate (0: the method's default)")
                     negative_guidance = gr.Number(None, label="negative guidance, ESD (0: its default)")
                 with gr.Accordion("method-specific settings", open=False):
-                    gr.Markdown("\n".join(f"- {hint}" for hint in METHOD_HINTS.values()))
+                    gr.Markdown("\n".join(f"- {hint}" for hint in method_hints()))
                     extra = gr.Textbox(label="more flags for the train script", placeholder="--l1_weight 2e-5")
                     overwrite = gr.Checkbox(label="replace a run of the same name", value=False)
                 erase_button = gr.Button("Erase", variant="primary")

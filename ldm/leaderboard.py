@@ -22,24 +22,20 @@ from pathlib import Path
 import pandas as pd
 
 from ldm.data.prompt_sets import concept_filename
+from ldm.erasure import methods
 from ldm.paths import REPO_ROOT
 from ldm.util import UsageError, atomic_to_csv, atomic_write_text, json_sha256
 
-# method -> (train script, flags that pick the method)
-METHODS = {"esd-x": ("train-esd.py", ["--train_method", "xattn"]),
-           "esd-u": ("train-esd.py", ["--train_method", "noxattn"]),
-           "cie": ("train-cie.py", []),
-           "sepce": ("train-sepce.py", []),
-           "cpe": ("train-cpe.py", [])}
 COLUMNS = ["method", "concept", "efficacy", "specificity_same", "specificity_other", "drift", "asr_pre", "asr_post",
            "ringabell_asr_pre", "ringabell_asr_post", "seconds", "peak_mb", "run"]
 
 
 def check_methods(names):
-    """The method names, each one of ``METHODS``; an unknown one is a one-line error."""
-    unknown = [m for m in names if m not in METHODS]
+    """The method names, each one of the registry's; an unknown one is a one-line error."""
+    unknown = [m for m in names if m not in methods.METHODS]
     if unknown or not names:
-        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; use some of {', '.join(METHODS)}")
+        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; use some of "
+                         f"{', '.join(methods.METHODS)}")
     return names
 
 
@@ -105,9 +101,9 @@ class Cell:
         self.folder.mkdir(parents=True, exist_ok=True)
         s = self.settings
         sd = s.get("sd")
-        script, flags = METHODS[self.method]
         base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
-        seconds, peak_mb = run_child([f"train-scripts/{script}", "--prompt", self.concept, *flags, *base_flags,
+        seconds, peak_mb = run_child(["train-scripts/erase.py", "--method", self.method, "--prompt", self.concept,
+                                      *base_flags,
                                       "--run_name", self.run_name, "--overwrite", "--no_diffusers",
                                       *shlex.split(s["erase_args"])], self.folder / "erase.log")
         result = {"method": self.method, "concept": self.concept, "run": self.run_name}

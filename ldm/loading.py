@@ -1,4 +1,4 @@
-"""One way to load any model, with its identity: the SHA-256 of every file that defines it.
+"""One way to load any model, with its identity: the SHA-256 of everything that defines its weights.
 
     loaded = load_model("tiny-sd")                      # a folder under models/ (or a path)
     loaded = load_model(config_path=..., ckpt_path=...)  # a CompVis config + checkpoint
@@ -7,16 +7,19 @@
 
 Every script loads through ``load_model``; ``loaded.identity`` keys whatever is made with the model
 (generated images, reports), so a result can never be reported for other weights than its own.
-A run folder whose base checkpoint is not byte-identical to the one it was trained on is refused
-(``force_base=True`` loads it anyway, with a warning).
+A run's edit is applied by its method's registry entry (``ldm.erasure.methods``). A run folder whose
+base checkpoint is not byte-identical to the one it was trained on is refused (``force_base=True``
+loads it anyway, with a warning).
 """
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from ldm.paths import MODELS_DIR, resolve_path
-from ldm.util import UsageError, file_sha256, json_sha256, load_config, load_model_from_config
+from ldm.erasure.methods import method_of_run
+from ldm.identity import compvis_identity, make_identity
+from ldm.paths import model_roots, resolve_path
+from ldm.runs import check_base, read_run_config, run_files
+from ldm.util import UsageError, load_config, load_model_from_config
 
 CHECKPOINT_NAMES = ("model.ckpt", "model.safetensors")
 
@@ -24,13 +27,14 @@ CHECKPOINT_NAMES = ("model.ckpt", "model.safetensors")
 @dataclass
 class LoadedModel:
     """A loaded model: a CompVis ``LatentDiffusion`` (``kind`` compvis or run) or a diffusers pipeline
-    (``kind`` diffusers), its name, its folder (if any) and its identity."""
+    (``kind`` diffusers), its name, its folder (if any), its identity and, for a run, its method."""
     model: object
     kind: str
     name: str
     identity: dict
     folder: Path = None
     config: object = None  # the CompVis config the model was built from (None for diffusers)
+    method: object = None  # a run's ``ldm.erasure.methods.Method``
 
     @property
     def sha256(self):
@@ -38,40 +42,18 @@ class LoadedModel:
         return self.identity["sha256"]
 
 
-@lru_cache(maxsize=256)
-def _cached_sha256(path, size, mtime_ns):
-    return file_sha256(path)
-
-
-def sha256_of(path):
-    """SHA-256 of a file, computed once per process for a given path, size and modification time."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-def make_identity(kind, files, base=None):
-    """``{"kind", "files": {name: sha256}, "base", "sha256"}``; ``sha256`` digests the rest."""
-    identity = {"kind": kind, "files": {name: sha256_of(path) for name, path in sorted(files.items())}}
-    if base is not None:
-        identity["base"] = base
-    identity["sha256"] = json_sha256(identity)
-    return identity
-
-
 def model_folder(model_name):
-    """``models/<name>`` (or a path): an existing folder, or a UsageError listing the models here."""
-    folder = Path(model_name) if Path(model_name).is_dir() else MODELS_DIR / str(model_name)
-    if not folder.is_dir():
-        known = sorted(p.name for p in MODELS_DIR.iterdir()
-                       if (p / "config.yaml").is_file() or (p / "model_index.json").is_file())
-        raise UsageError(f"model '{model_name}' not found: no folder {folder}; models here: {', '.join(known)}")
-    return folder
-
-
-def compvis_identity(config_path, ckpt_path):
-    """Identity of a CompVis config + checkpoint pair."""
-    return make_identity("compvis", {"config": resolve_path(config_path), "checkpoint": resolve_path(ckpt_path)})
+    """The folder of model ``model_name`` (the runs' folder, then the shipped models, or a path): an existing
+    folder, or a UsageError listing the models here."""
+    if Path(model_name).is_dir():
+        return Path(model_name)
+    for root in model_roots():
+        if (root / str(model_name)).is_dir():
+            return root / str(model_name)
+    known = sorted({p.name for root in model_roots() if root.is_dir() for p in root.iterdir()
+                    if (p / "config.yaml").is_file() or (p / "model_index.json").is_file()})
+    raise UsageError(f"model '{model_name}' not found in {', '.join(map(str, model_roots()))}; models here: "
+                     f"{', '.join(known)}")
 
 
 def load_compvis(config_path, ckpt_path, device="cpu", unsafe_pickle=False, name=None):
@@ -81,13 +63,13 @@ def load_compvis(config_path, ckpt_path, device="cpu", unsafe_pickle=False, name
         raise UsageError(f"checkpoint '{ckpt_path}' not found")
     config = load_config(config_path)
     model = load_model_from_config(config, ckpt_path, device=device, unsafe_pickle=unsafe_pickle)
-    return LoadedModel(model, "compvis", name or Path(ckpt_path).stem, compvis_identity(config_path, ckpt_path),
+    return LoadedModel(model, "compvis", name or Path(ckpt_path).stem, compvis_identity(config, ckpt_path),
                        config=config)
 
 
 def load_diffusers(path, device="cpu", name=None):
     """A diffusers StableDiffusionPipeline folder (identity: every file in it)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # diffusers is slow to import; only this path needs it
     path = Path(resolve_path(path))
     if not (path / "model_index.json").is_file():
         raise UsageError(f"'{path}' is not a diffusers pipeline folder (no model_index.json)")
@@ -95,6 +77,33 @@ def load_diffusers(path, device="cpu", name=None):
                                                    requires_safety_checker=False).to(device)
     files = {str(p.relative_to(path)): p for p in sorted(path.rglob("*")) if p.is_file()}
     return LoadedModel(pipe, "diffusers", name or path.name, make_identity("diffusers", files), path)
+
+
+def load_run(run_dir, device="cpu", unsafe_pickle=False, force_base=False):
+    """The edited model of a run folder (its whole ``model.ckpt`` when saved, else the base with the
+    run's edit applied by its method) as a ``LoadedModel`` whose identity holds the run's files and its base's."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if config is None:
+        raise UsageError(f"'{run_dir}/config.yaml' has no run: or base_model: section; it is not a run folder")
+    method = method_of_run(config)
+    if (run_dir / "model.ckpt").is_file():
+        model = load_model_from_config(config, run_dir / "model.ckpt", device, unsafe_pickle)
+        return LoadedModel(model, "run", run_dir.name, make_identity("run", run_files(run_dir)), run_dir, config,
+                           method)
+    ckpt = check_base(run_dir, config.base_model, force_base, warn)
+    model = load_model_from_config(config, ckpt, "cpu", unsafe_pickle)
+    method.apply(model, run_dir)
+    identity = make_identity("run", run_files(run_dir), base=compvis_identity(config, ckpt))
+    return LoadedModel(model.to(device).eval(), "run", run_dir.name, identity, run_dir, config, method)
+
+
+def load_run_base(loaded, device="cpu", unsafe_pickle=False):
+    """The model a loaded run edits (its recorded base, checked by SHA-256); any other model is its own base."""
+    if loaded.kind != "run":
+        return loaded
+    base = loaded.config.base_model
+    return load_compvis(base.config_path, check_base(loaded.folder, base), device, unsafe_pickle)
 
 
 def load_model(model_name=None, config_path=None, ckpt_path=None, diffusers_path=None, device="cpu",
@@ -107,8 +116,7 @@ def load_model(model_name=None, config_path=None, ckpt_path=None, diffusers_path
             raise UsageError("--ckpt_path and --config_path go together")
         return load_compvis(config_path, ckpt_path, device, unsafe_pickle, name=model_name)
     folder = model_folder(model_name or "tiny-sd")
-    from ldm.erasure.runs import is_run_dir, load_run
-    if is_run_dir(folder):
+    if read_run_config(folder) is not None:
         return load_run(folder, device, unsafe_pickle, force_base)
     if (folder / "model_index.json").is_file():
         return load_diffusers(folder, device)

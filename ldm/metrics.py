@@ -15,11 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.evaluation import list_images, read_images
-from ldm.paths import MODELS_DIR
+from ldm.paths import SHIPPED_MODELS_DIR
 from ldm.util import UsageError
 
-CLIP_SCORE_MODEL = MODELS_DIR / "clip-score"
-INCEPTION_WEIGHTS = MODELS_DIR / "inception" / "pt_inception-2015-12-05-6726825d.pth"
+CLIP_SCORE_MODEL = SHIPPED_MODELS_DIR / "clip-score"
+INCEPTION_WEIGHTS = SHIPPED_MODELS_DIR / "inception" / "pt_inception-2015-12-05-6726825d.pth"
 CLIP_SCORE_FILES = ("config.json", "preprocessor_config.json")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 

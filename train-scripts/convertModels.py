@@ -21,7 +21,7 @@ from ldm.loading import load_model
 from ldm.util import UsageError
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--model_name", help="a folder under models/ (a CompVis model or a run); default tiny-sd "
                         "unless --ckpt_path/--config_path are given")
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--fp32", action="store_true", help="single file: keep fp32 parameters (default fp16)")
     parser.add_argument("--unet_only", action="store_true", help="write only the UNet (UNet2DConditionModel)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.to == "diffusers" and not args.diffusers_path:
         raise UsageError("--to diffusers needs --diffusers_path (the output folder)")
     if args.to != "diffusers" and args.save_path and Path(args.save_path).suffix != f".{args.to}":

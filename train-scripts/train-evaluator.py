@@ -13,12 +13,12 @@ another. --no_reconstructions trains on the renders alone. Run it after train-ti
 from ldm.cli import new_parser, run
 from ldm.evaluator import heldout_accuracy, save_evaluator, train_evaluator
 from ldm.loading import load_model
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
-    parser.add_argument("--out", default=str(MODELS_DIR / "tiny-sd" / "evaluator.safetensors"))
+    parser.add_argument("--out", default=str(EVALUATOR_PATH))
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--model_name", default="tiny-sd", help="the model whose autoencoder reconstructs")
     parser.add_argument("--no_reconstructions", action="store_true")
     parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs/train-evaluator"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     first_stage = None
     if not args.no_reconstructions:
         first_stage = load_model(args.model_name).model.first_stage_model

@@ -27,7 +27,7 @@ from ldm.util import (UsageError, instantiate_from_config, load_checkpoint_file,
                       state_dict_from_checkpoint, tensors_sha256)
 
 
-def main():
+def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--autoencoder_config", default=str(REPO_ROOT / "configs/tiny-sd/autoencoder.yaml"))
     parser.add_argument("--autoencoder_from", help="take the autoencoder (first_stage_model.*) from this CompVis "
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text_loss_weight", type=float, default=0.1,
                         help="weight of the caption-attribute supervision of the text encoder (0: diffusion loss only)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work, out = Path(args.work_dir), Path(args.out_dir)
     if (out / "model.ckpt").exists() and not args.overwrite:
         raise UsageError(f"'{out}' already holds a model; pass --overwrite to replace it, or another --out_dir")

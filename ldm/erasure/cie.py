@@ -1,4 +1,4 @@
-"""CiE: Concept-irrelevant Erasure (Zhao et al., 2024; METHODS.md section 2).
+"""CiE: Concept-irrelevant Erasure (Zhao et al., 2024).
 
 On latents ``z`` of images the base model drew for the concept ``c``, at a random ``t``:
 
@@ -11,58 +11,19 @@ the momentum statistic ``m = 0.9 m + 0.1 mean(r * r*)`` (from ``m = 0``) falls b
 warm-up, or at the iteration cap. Cross-attention (``attn2``) weights train. Gradients are zeroed
 every step (the public code never zeroes them, so its Adam steps on accumulated gradients).
 
-SepCE (``ldm.erasure.sepce``) trains the same loss on its separable terms.
+SepCE (``ldm.erasure.sepce``) trains the same loss on its separable terms. The training images come from
+``ldm.erasure.concept_data``.
 """
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
+from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES, read_prompt_templates
+from ldm.erasure.settings import MethodSettings, check_at_least, check_positive, setting
 from ldm.erasure.trainer import OverlayTrainer, select_unet_parameters
-from ldm.generate import pixel_size
-from ldm.paths import REPO_ROOT
-from ldm.util import UsageError, atomic_to_csv
-
-# The public code's defaults (SD v1); a model config may carry its own (``cie_defaults:``).
-CIE_ORIGINAL_DEFAULTS = {"iterations": 1000, "lr": 1e-6, "l1_weight": 1e-5, "tau": 1e-4, "num_images": 64,
-                         "batch_size": 1, "prompt_templates": None, "warmup": 10}
-CONCEPT_DATA_DIR = REPO_ROOT / "outputs" / "concept-data"
-
-
-def fill_defaults(args, model_defaults, original=CIE_ORIGINAL_DEFAULTS):
-    """Set every flag of ``original`` the user left None from the model config's defaults, then the
-    public code's."""
-    for key, value in original.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, model_defaults.get(key, value))
-    return args
-
-
-def add_cie_args(parser):
-    """The flags of CiE's loss and stop rule (train-sepce.py shares them)."""
-    parser.add_argument("--prompt", required=True, help="the concept to erase, e.g. 'Van Gogh'")
-    parser.add_argument("--data_dir", help="training images of the concept (default: drawn by the base model, cached)")
-    parser.add_argument("--num_images", type=int, help="images drawn when no --data_dir (default: model config's "
-                                                       "cie_defaults, else 64)")
-    parser.add_argument("--iterations", type=int, help="iteration cap (default 1000, or the model config's cie_defaults)")
-    parser.add_argument("--lr", type=float, help="Adam's learning rate (default 1e-6, or the model config's cie_defaults)")
-    parser.add_argument("--l1_weight", type=float, help="lambda of the L1 term (default 1e-5, or cie_defaults)")
-    parser.add_argument("--tau", type=float, help="stop when the momentum statistic falls below this (default 1e-4, "
-                                                  "or cie_defaults; negative: once the edited direction points "
-                                                  "against the frozen one; write --tau=-2e-4)")
-    parser.add_argument("--warmup", type=int, help="iterations before the stop rule applies (default 10, or the "
-                                                     "model config's defaults)")
-    parser.add_argument("--batch_size", type=int, help="training latents per iteration (default 1, or cie_defaults)")
-    from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES
-    parser.add_argument("--prompt_templates", nargs="?", const=str(DEFAULT_PROMPT_TEMPLATES), metavar="FILE",
-                        help="condition the loss on phrasings of the concept, one template a line with {} (bare "
-                             "flag: data/esd-prompt-templates.txt; 'none': the bare concept, as the paper); "
-                             "default: the model config's cie_defaults/sepce_defaults, else the bare concept")
-    return parser
+from ldm.util import UsageError
 
 
 def templates_of(flag):
@@ -71,45 +32,43 @@ def templates_of(flag):
     model configs name it)."""
     if flag is None or str(flag).strip().lower() == "none":
         return None
-    from ldm.erasure.esd import read_prompt_templates
-    from ldm.paths import resolve_path
-    return read_prompt_templates(resolve_path(flag))
+    return read_prompt_templates(flag)
 
 
 @dataclass
-class CiESettings:
-    """Everything that determines a CiE run (recorded in the run's config.yaml)."""
-    concept: str
-    data: dict  # the training images: folder and the generation record's SHA-256
-    iterations: int = 1000
-    lr: float = 1e-6
-    l1_weight: float = 1e-5
-    tau: float = 1e-4
-    warmup: int = 10
-    momentum: float = 0.9
-    batch_size: int = 1
-    seed: int = 0
-    prompt_templates: list = None  # phrasings of the concept the loss conditions on; None: the bare concept
+class CiESettings(MethodSettings):
+    """Everything that determines a CiE run (recorded in the run's config.yaml). Defaults: the public code's
+    (SD v1); tiny-sd's config sets its own (``cie_defaults:``)."""
+    prompt: str = setting(None, "the concept to erase, e.g. 'Van Gogh'", required=True, config=False)
+    data_dir: str = setting(None, "training images of the concept (none: drawn by the base model, cached)",
+                            config=False)
+    num_images: int = setting(64, "images drawn when no --data_dir")
+    iterations: int = setting(1000, "iteration cap")
+    lr: float = setting(1e-6, "Adam's learning rate")
+    l1_weight: float = setting(1e-5, "lambda of the L1 term")
+    tau: float = setting(1e-4, "stop when the momentum statistic falls below this (negative: once the edited "
+                               "direction points against the frozen one; write --tau=-2e-4)")
+    warmup: int = setting(10, "iterations before the stop rule applies")
+    momentum: float = setting(0.9, "momentum of the stop rule's statistic")
+    batch_size: int = setting(1, "training latents per iteration")
+    prompt_templates: str = setting(None, "condition the loss on phrasings of the concept, one template a line "
+                                          f"with {{}} (bare flag: {DEFAULT_PROMPT_TEMPLATES}; none: the bare "
+                                          "concept, as the paper)", const=DEFAULT_PROMPT_TEMPLATES, metavar="FILE")
+    seed: int = setting(0, "seed of every random draw of the run", config=False)
 
     def check(self):
-        """Refuse contradictory settings with one line each."""
-        if self.prompt_templates is not None:
-            from ldm.erasure.esd import check_prompt_templates
-            check_prompt_templates(self.prompt_templates)
-        if not self.concept.strip():
+        """Refuse bad settings with one line each."""
+        if not (self.prompt or "").strip():
             raise UsageError("--prompt is empty; name the concept to erase, e.g. --prompt 'Van Gogh'")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if self.iterations < 1 or self.batch_size < 1:
-            raise UsageError("--iterations and --batch_size must be >= 1")
-        if self.l1_weight < 0 or self.warmup < 0 or not math.isfinite(self.tau):
-            raise UsageError("--l1_weight and --warmup must be >= 0 and --tau a number")
+        templates_of(self.prompt_templates)
+        check_positive(self, "lr")
+        check_at_least(self, 1, "iterations", "batch_size", "num_images")
+        check_at_least(self, 0, "l1_weight", "warmup")
+        if not math.isfinite(self.tau):
+            raise UsageError(f"--tau must be a number, got {self.tau}")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
         return self
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def concept_irrelevance(r, r_star):
@@ -186,8 +145,8 @@ class ConceptIrrelevance:
     original weights, for the L1 term)."""
 
     def init_objective(self, model, settings, latents):
-        self.direction = ConceptDirectionLoss(model, concept_phrasings(settings.concept, settings.prompt_templates),
-                                              latents, self.device)
+        phrasings = concept_phrasings(settings.prompt, templates_of(settings.prompt_templates))
+        self.direction = ConceptDirectionLoss(model, phrasings, latents, self.device)
         self.rule = MomentumStop(settings.tau, settings.warmup, settings.momentum)
         self.direction_losses = []
 
@@ -253,87 +212,3 @@ def direction_by_timestep(base, edited, latents, concept, timesteps=(900, 600, 3
                      "conditional_moved": float((edited_c - base_c).norm()),
                      "unconditional_moved": float((edited_u - base_u).norm()), "latents": n})
     return pd.DataFrame(rows)
-
-
-# ---- training images of the concept, drawn by the base model itself (generate-data.py) ----
-
-def concept_prompt_table(prompt, seed=0):
-    """The one-row prompt table of ``prompt`` (``num_samples`` images of it are drawn from ``seed``)."""
-    return pd.DataFrame({"prompt": [prompt], "evaluation_seed": [seed], "case_number": [0]})
-
-
-def generate_concept_images(generator, prompt, num_images, out_dir, guidance_scale=7.5, ddim_steps=50,
-                            batch_size=16, seed=0, overwrite=False, progress=True):
-    """Draw ``num_images`` images of ``prompt`` with ``generator`` (an ``ldm.text2image`` generator) into
-    ``out_dir`` (``0_<i>.png``, a ``prompts.csv`` and ``generation.json`` keyed by the model's identity,
-    so a folder is never reused for another model or setting). Existing images are kept (resumable)."""
-    from ldm.text2image import check_settings, generation_settings, make_jobs, run_jobs
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = concept_prompt_table(prompt, seed)
-    prompts_path = out_dir / "prompts.csv"
-    if not prompts_path.is_file() or overwrite or pd.read_csv(prompts_path).prompt.tolist() != [prompt]:
-        atomic_to_csv(table, prompts_path)
-    settings = generation_settings(generator.identity, prompts_path, guidance_scale, ddim_steps, num_images)
-    check_settings(out_dir, settings, overwrite=overwrite)
-    jobs = make_jobs(table, num_images, guidance_scale)
-    run_jobs(generator, jobs, out_dir, num_images, ddim_steps, batch_size=batch_size, overwrite=overwrite,
-             progress=progress)
-    return out_dir
-
-
-def default_data_dir(identity, prompt, num_images, guidance_scale=7.5, ddim_steps=50, seed=0):
-    """The cache folder of a model's training images of ``prompt``: keyed by the model's identity and
-    every sampling setting, so another model or setting never reads them."""
-    from ldm.util import json_sha256
-    key = json_sha256({"model": identity["sha256"], "prompt": prompt, "num_images": num_images,
-                       "guidance_scale": guidance_scale, "ddim_steps": ddim_steps, "seed": seed})[:16]
-    return CONCEPT_DATA_DIR / key
-
-
-def data_record(folder):
-    """What names a training-image folder in a run's settings: its path and its generation record's SHA-256."""
-    from ldm.util import file_sha256
-    folder = Path(folder)
-    record = folder / "generation.json"
-    return {"folder": str(folder.resolve()), "generation_sha256": file_sha256(record) if record.is_file() else None}
-
-
-def read_images(folder):
-    """Every PNG/JPEG in ``folder`` as a float tensor (N, 3, H, W) in [-1, 1]; none is an error."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"--data_dir '{folder}' is not a folder; make one with eval-scripts/generate-data.py")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not paths:
-        raise UsageError(f"--data_dir '{folder}' holds no images; make them with eval-scripts/generate-data.py")
-    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in paths]
-    if len({i.shape for i in images}) != 1:
-        raise UsageError(f"--data_dir '{folder}' holds images of different sizes; use one size")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-
-
-@torch.no_grad()
-def encode_images(model, images, batch_size=16):
-    """Latents ``z`` of ``images`` (in [-1, 1]) under the model's first stage, scaled as the UNet sees them:
-    the posterior's mode, so the same images always give the same latents (a posterior sample would
-    draw from the global RNG and make every run differ)."""
-    side = pixel_size(model)
-    if images.shape[-1] != side or images.shape[-2] != side:
-        raise UsageError(f"training images are {images.shape[-1]}x{images.shape[-2]} pixels; this model draws "
-                         f"{side}x{side}; generate them with this model (eval-scripts/generate-data.py)")
-    device = model.betas.device
-    chunks = [model.get_first_stage_encoding(model.encode_first_stage(images[i:i + batch_size].to(device)).mode())
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks).float()
-
-
-def prepare_training_latents(loaded, prompt, data_dir=None, num_images=64, progress=True):
-    """The training latents of a CiE/SepCE run and the record of their folder: ``data_dir`` when given,
-    else the base model's (``loaded``, an ``ldm.loading.LoadedModel``) own images of ``prompt``,
-    generated once into a cache keyed by its identity."""
-    if data_dir is None:
-        from ldm.text2image import CompVisModel
-        data_dir = default_data_dir(loaded.identity, prompt, num_images)
-        generate_concept_images(CompVisModel(loaded), prompt, num_images, data_dir, progress=progress)
-    return encode_images(loaded.model, read_images(data_dir)), data_record(data_dir)

@@ -1,18 +1,8 @@
-"""CPE: Concept Pinpoint Eraser with Residual Attention Gates (Lee et al., ICLR 2025; METHODS.md section 3).
+"""CPE: Concept Pinpoint Eraser with Residual Attention Gates (Lee et al., ICLR 2025): training.
 
-A ResAG is added to every cross-attention ``to_k`` and ``to_v``; on the text embedding ``E`` (tokens x width):
-
-    Q = E U1,  K = E U2,  P = softmax(Q K^T / sqrt(r_gate)),  Ebar = P E,  g = sigmoid(Ebar v)
-    out = W E + (g * Ebar) A_l B_l (alpha / r)
-
-The gate (``U1``, ``U2``, ``v``) is shared by every layer of one concept; ``A_l``, ``B_l`` are per layer;
-``B`` and ``v`` start at zero, so an untrained ResAG changes nothing. The public code builds ``K`` from
-``U1`` too (``U2`` never trains); here ``K = E U2``, as the paper writes. With several concepts each token
-takes the residual of the concept whose gate is highest on it.
-
-Training never runs the UNet: every loss compares ``to_k``/``to_v`` outputs on text embeddings, each
-layer's squared error weighted by its Lipschitz estimate (``to_k``: sigma(W_o W_v) sigma(W_q) / tokens,
-``to_v``: sigma(W_o)):
+A ResAG (``ldm.erasure.cpe_gates``) is added to every cross-attention ``to_k`` and ``to_v``. Training never
+runs the UNet: every loss compares ``to_k``/``to_v`` outputs on text embeddings, each layer's squared error
+weighted by its Lipschitz estimate (``to_k``: sigma(W_o W_v) sigma(W_q) / tokens, ``to_v``: sigma(W_o)):
 
 - erase: ``|| W c_ntl - W~ c_tgt + eta (W c_ntl - W c_tgt) ||^2`` on target and neutral prompts filled into
   the same random template;
@@ -21,231 +11,30 @@ layer's squared error weighted by its Lipschitz estimate (``to_k``: sigma(W_o W_
 - adversarial stages: after each erase stage, embeddings ``delta`` are learned (ResAG frozen) that make
   ``W~(c_tgt + delta)`` match ``W c_tgt``; the next stage erases ``c_tgt + delta`` too.
 
-Each concept's ResAG is its own ``term-<concept>.safetensors``; loading a run wraps ``to_k``/``to_v`` with
-forward hooks (``apply_resags_of``), whose residual is computed once per prompt (the gate depends only on the
-text) and reused at every denoising step.
+The public code builds the gate's ``K`` from ``U1`` too (``U2`` never trains); here ``K = E U2``, as the
+paper writes. Each concept's ResAG is its own ``term-<concept>.safetensors``.
 """
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ldm.erasure.runs import read_term, save_term, term_files
+from ldm.data.prompt_sets import all_concepts
+from ldm.erasure.cpe_gates import ResAG, apply_resags, gated_projections
+from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES, concept_words, read_prompt_templates
+from ldm.erasure.settings import MethodSettings, check_at_least, check_positive, setting
 from ldm.erasure.trainer import ErasureTrainer
-from ldm.paths import REPO_ROOT, resolve_path
+from ldm.paths import resolve_path
+from ldm.runs import save_term
+from ldm.text_geometry import concept_text
 from ldm.util import UsageError
 
-DEFAULT_ANCHOR_WORDS = REPO_ROOT / "data" / "cpe-anchor-words.txt"
-# The public code's artist setting (SD v1); a model config may carry its own (``cpe_defaults:``).
-CPE_ORIGINAL_DEFAULTS = {"iterations": 450, "first_stage_factor": 4, "lr": 3e-5, "first_stage_lr_factor": 10.0,
-                         "stages": 10, "adv_embeddings": 16, "adv_lr": 1e-2, "eta": 0.5, "anchor_weight": 1e4,
-                         "anchor_batch": 16, "nearest_anchors": 50, "rank": 1, "gate_rank": 16, "alpha": 1.0,
-                         "neutral": "real photograph", "prompt_templates": None, "warmup": 5}
+DEFAULT_ANCHOR_WORDS = "data/cpe-anchor-words.txt"
 
-
-def is_gated_projection(name):
-    """The projections a ResAG wraps: ``to_k`` and ``to_v`` of every cross-attention layer (module names)."""
-    return name.endswith("attn2.to_k") or name.endswith("attn2.to_v")
-
-
-def gated_projections(unet):
-    """``{name: nn.Linear}`` of the projections a ResAG wraps, in the UNet's order."""
-    layers = {n: m for n, m in unet.named_modules() if is_gated_projection(n)}
-    if not layers:
-        raise UsageError("this UNet has no cross-attention to_k/to_v layers (attn2.to_k, attn2.to_v); CPE wraps those")
-    return layers
-
-
-# ---- the ResAG as pure functions of its tensors ----
-
-def gate(E, U1, U2, v):
-    """The shared gate on text embeddings ``E`` (batch, tokens, width): ``(g * Ebar, g)`` with
-    ``Ebar = softmax(E U1 (E U2)^T / sqrt(r_gate)) E`` and ``g = sigmoid(Ebar v)`` per token."""
-    Q, K = E @ U1, E @ U2
-    P = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(U1.shape[-1]), dim=-1)
-    E_bar = P @ E
-    g = torch.sigmoid(E_bar @ v)
-    return g.unsqueeze(-1) * E_bar, g
-
-
-def layer_residual(gated, A, B, scale):
-    """One layer's residual ``(g * Ebar) A B scale``."""
-    return (gated @ A) @ B * scale
-
-
-def select_by_gate(gates, residuals):
-    """Each token's residual from the concept whose gate is highest on it: ``gates`` (concepts, batch,
-    tokens), ``residuals`` (concepts, batch, tokens, out)."""
-    if len(residuals) == 1:
-        return residuals[0]
-    best = torch.stack(list(gates)).argmax(dim=0)  # (batch, tokens)
-    stacked = torch.stack(list(residuals))
-    return torch.gather(stacked, 0, best[None, ..., None].expand(1, *stacked.shape[1:]))[0]
-
-
-class ResAG:
-    """One concept's ResAG: gate tensors ``U1``, ``U2`` (width x gate_rank), ``v`` (width), and per wrapped
-    layer ``A`` (width x rank) and ``B`` (rank x out), ``B`` and ``v`` zero."""
-
-    def __init__(self, concept, tensors, rank, gate_rank, alpha):
-        self.concept, self.tensors = concept, tensors
-        self.rank, self.gate_rank, self.alpha = rank, gate_rank, alpha
-        self.scale = alpha / rank
-
-    @classmethod
-    def new(cls, concept, layers, width, rank, gate_rank, alpha, generator, device="cpu"):
-        """A fresh ResAG for ``layers`` (name -> nn.Linear): changes nothing until trained. ``U1``/``U2``
-        start small (std 1/width) so that attention starts near mean-pooling yet has a gradient (the
-        public code's 1/width^2-scaled start barely moves)."""
-        def randn(*shape, std):
-            return (torch.randn(*shape, generator=generator) * std).to(device)
-        tensors = {"U1": randn(width, gate_rank, std=1 / width), "U2": randn(width, gate_rank, std=1 / width),
-                   "v": torch.zeros(width, device=device)}
-        for name, layer in layers.items():
-            tensors[f"A.{name}"] = randn(width, rank, std=1 / math.sqrt(width))
-            tensors[f"B.{name}"] = torch.zeros(rank, layer.out_features, device=device)
-        return cls(concept, tensors, rank, gate_rank, alpha)
-
-    @property
-    def width(self):
-        return self.tensors["U1"].shape[0]
-
-    def gate(self, E):
-        return gate(E, self.tensors["U1"], self.tensors["U2"], self.tensors["v"])
-
-    def residual(self, gated, layer):
-        return layer_residual(gated, self.tensors[f"A.{layer}"], self.tensors[f"B.{layer}"], self.scale)
-
-
-def residuals(resags, E, layers):
-    """``{layer: residual}`` of several concepts' ResAGs on ``E``, each token taking the concept with the
-    highest gate."""
-    gates = [resag.gate(E) for resag in resags]
-    return {layer: select_by_gate([g for _, g in gates], [r.residual(gated, layer) for r, (gated, _) in zip(resags, gates)])
-            for layer in layers}
-
-
-# ---- loading: ResAGs as forward hooks on to_k / to_v ----
-
-class ResAGHooks:
-    """Several concepts' ResAGs wrapped around ``layers`` (CompVis name -> the ``to_k``/``to_v`` module, ours
-    or diffusers') by forward hooks (the weights and their names stay the base's). The residuals are computed once per distinct text context and reused
-    while the context repeats (every denoising step of a prompt); ``computations`` counts them."""
-
-    def __init__(self, layers, resags):
-        self.resags, self.layers = list(resags), dict(layers)
-        for resag in self.resags:
-            check_compatible(resag, self.layers)
-        self.computations, self._context, self._residuals = 0, None, {}
-        self._input, self._input_version = None, None
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.layers.items()]
-
-    def _hook(self, name):
-        def add_residual(module, inputs, output):
-            return output + self.residual_of(inputs[0])[name].to(output.dtype)
-        return add_residual
-
-    @torch.no_grad()
-    def residual_of(self, context):
-        if context is self._input and context._version == self._input_version:
-            return self._residuals  # every wrapped layer of one UNet call sees the same, unchanged tensor
-        same = (self._context is not None and self._context.shape == context.shape
-                and self._context.device == context.device and torch.equal(self._context, context))
-        self._input, self._input_version = context, context._version
-        if not same:
-            self._context = context.detach().clone()
-            self._residuals = residuals(self.resags, context.float(), self.layers)
-            self.computations += 1
-        return self._residuals
-
-    def remove(self):
-        """Unwrap: the UNet is the base model again."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-def check_compatible(resag, layers):
-    """A ResAG trained on another model (text width or layers) is a one-line error."""
-    width = next(iter(layers.values())).in_features
-    if resag.width != width:
-        raise UsageError(f"ResAG '{resag.concept}' is for a {resag.width}-wide text encoder; this model's is "
-                         f"{width}-wide: it was trained on another base model")
-    for name, layer in layers.items():
-        A, B = resag.tensors.get(f"A.{name}"), resag.tensors.get(f"B.{name}")
-        if A is None or B is None or B.shape[1] != layer.out_features:
-            raise UsageError(f"ResAG '{resag.concept}' has no matching weights for layer '{name}': it was trained "
-                             "on another base model")
-
-
-def read_resags(run_dir):
-    """The ResAGs of a run folder (one term file per concept)."""
-    resags = []
-    for path in term_files(run_dir):
-        tensors, metadata = read_term(path)
-        resags.append(ResAG(metadata["concept"], tensors, int(metadata["rank"]), int(metadata["gate_rank"]),
-                            float(metadata["alpha"])))
-    return resags
-
-
-def move_to(resags, device):
-    """Put every ResAG's tensors on ``device`` in float32 (the projections' inputs are cast to it too)."""
-    for resag in resags:
-        resag.tensors = {k: v.float().to(device) for k, v in resag.tensors.items()}
-
-
-def apply_resags(model, resags):
-    """Wrap ``model``'s UNet with ``resags``; returns the hooks (``model.resag_hooks`` too)."""
-    unet = model.model.diffusion_model
-    old = getattr(model, "resag_hooks", None)
-    if old is not None:
-        old.remove()
-    move_to(resags, next(unet.parameters()).device)
-    model.resag_hooks = ResAGHooks(gated_projections(unet), resags) if resags else None
-    return model.resag_hooks
-
-
-def apply_resags_of(model, run_dir):
-    """The CPE edit of a run folder (``ldm.erasure.runs.EDITS``): its ResAGs wrapped around the base."""
-    apply_resags(model, read_resags(run_dir))
-    return model
-
-
-def _natural_key(name, groups):
-    parts = name.split(".")
-    return (groups.index(parts[0]), [int(p) if p.isdigit() else p for p in parts[1:]])
-
-
-def diffusers_layers(unet):
-    """A diffusers ``UNet2DConditionModel``'s cross-attention ``to_k``/``to_v`` modules under their CompVis
-    names: both UNets hold them in the same order (down/input, mid/middle, up/output blocks)."""
-    theirs = {n: m for n, m in unet.named_modules() if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")}
-    return sorted(theirs.items(), key=lambda item: _natural_key(item[0], ["down_blocks", "mid_block", "up_blocks"]))
-
-
-def apply_to_diffusers(pipeline, run_dir):
-    """Wrap a converted ``StableDiffusionPipeline`` (or its ``unet``) with a CPE run's ResAGs, as our ``ldm``
-    loads the run: ``apply_to_diffusers(pipe, "models/cpe-word_VanGogh")``; ``.remove()`` unwraps.
-    A pipeline of another base model (layer count or widths) is a one-line error."""
-    unet = getattr(pipeline, "unet", pipeline)
-    resags = read_resags(run_dir)
-    if not resags:
-        raise UsageError(f"run '{Path(run_dir).name}' has no ResAG (term-*.safetensors); it is not a CPE run")
-    ours = sorted({k[2:] for k in resags[0].tensors if k.startswith("A.")},
-                  key=lambda n: _natural_key(n, ["input_blocks", "middle_block", "output_blocks"]))
-    theirs = diffusers_layers(unet)
-    if len(ours) != len(theirs):
-        raise UsageError(f"run '{Path(run_dir).name}' wraps {len(ours)} projections; this UNet has {len(theirs)} "
-                         "cross-attention to_k/to_v: it is not the run's base model")
-    move_to(resags, next(unet.parameters()).device)
-    return ResAGHooks({name: module for name, (_, module) in zip(ours, theirs)}, resags)
-
-
-# ---- training ----
 
 def lipschitz_weights(unet, layers, tokens):
     """Per wrapped layer, the weight of its squared error: ``to_k``: sigma(W_o W_v) sigma(W_q) / tokens,
@@ -275,8 +64,6 @@ def read_words(path):
 
 def default_vocabulary(concept):
     """tiny-sd's anchor vocabulary: every other concept of every attribute (styles as prompts name them)."""
-    from ldm.data.prompt_sets import all_concepts
-    from ldm.text_geometry import concept_text
     return [concept_text(c) for c in all_concepts() if c != concept]
 
 
@@ -300,63 +87,80 @@ def choose_anchors(model, concept, anchors=None, words=(), vocabulary=None, near
     if anchors is not None:
         return list(dict.fromkeys(a.strip() for a in anchors if a.strip()))
     if vocabulary is None:
-        from ldm.data.prompt_sets import all_concepts
         vocabulary = default_vocabulary(concept) if concept in all_concepts() else []
     chosen = [w for w in words if concept.lower() not in w.lower()]
     return list(dict.fromkeys(chosen + nearest_concepts(model, concept, vocabulary, nearest)))
 
 
+def anchors_for(model, settings):
+    """Per concept of ``settings`` (``CPESettings``), the anchors it keeps (``choose_anchors``)."""
+    generic = read_words(settings.anchor_words) if settings.anchor_words else []
+    vocabulary = read_words(settings.anchor_vocab) if settings.anchor_vocab else None
+    return [choose_anchors(model, concept, settings.listed_anchors(), generic, vocabulary, settings.nearest_anchors)
+            for concept in settings.concepts()]
+
+
 @dataclass
-class CPESettings:
-    """Everything that determines a CPE run (recorded in the run's config.yaml)."""
-    concepts: list
-    anchors: list = field(default_factory=list)  # per concept: the anchor words it keeps
-    neutral: str = "real photograph"
-    templates: list = field(default_factory=lambda: ["{}"])
-    eta: float = 0.5
-    anchor_weight: float = 1e4
-    anchor_batch: int = 16
-    rank: int = 1
-    gate_rank: int = 16
-    alpha: float = 1.0
-    stages: int = 10
-    iterations: int = 450  # erase iterations of every stage after the first
-    first_stage_factor: int = 4
-    lr: float = 3e-5
-    first_stage_lr_factor: float = 10.0
-    warmup: int = 5
-    adv_embeddings: int = 16
-    adv_lr: float = 1e-2
-    anchor_noise: float = 1e-3
-    seed: int = 0
+class CPESettings(MethodSettings):
+    """Everything that determines a CPE run (recorded in the run's config.yaml). Defaults: the public code's
+    artist setting (SD v1); tiny-sd's config sets its own (``cpe_defaults:``)."""
+    prompt: str = setting(None, "the concept(s) to erase, e.g. 'Van Gogh'", required=True, config=False)
+    seperator: str = setting(None, "split --prompt on this (one ResAG each)", config=False, aliases=("separator",))
+    anchors: str = setting(None, "comma-separated anchors to keep, instead of the generic words and nearest "
+                                 "vocabulary entries", config=False)
+    anchor_words: str = setting(DEFAULT_ANCHOR_WORDS, "generic anchors, one a line", metavar="FILE")
+    anchor_vocab: str = setting(None, "file of concepts to pick the nearest anchors from (none for a tiny-sd "
+                                      "concept: its other concepts)", metavar="FILE")
+    nearest_anchors: int = setting(50, "vocabulary entries nearest the target kept as anchors")
+    neutral: str = setting("real photograph", "the surrogate the target maps to in each template")
+    prompt_templates: str = setting(DEFAULT_PROMPT_TEMPLATES, "phrasings target, neutral and anchors are filled "
+                                    "into, one a line with {} (none: the bare words)", metavar="FILE")
+    eta: float = setting(0.5, "eta of the erase target W c_ntl + eta (W c_ntl - W c_tgt)")
+    anchor_weight: float = setting(1e4, "lambda_anc, the anchoring loss's weight")
+    anchor_batch: int = setting(16, "mixed anchors per step")
+    rank: int = setting(1, "rank of A_l B_l (1 styles/names, 4 explicit content)")
+    gate_rank: int = setting(16, "rank of U1, U2 (16 styles/names, 64 explicit content)")
+    alpha: float = setting(1.0, "the residual's scale is alpha / rank")
+    stages: int = setting(10, "erase stages, an adversarial stage between each two (1: none)")
+    iterations: int = setting(450, "erase iterations per stage after the first")
+    first_stage_factor: int = setting(4, "the first stage runs this many times --iterations")
+    lr: float = setting(3e-5, "AdamW's lr after the first stage")
+    first_stage_lr_factor: float = setting(10.0, "the first stage's lr is this times --lr")
+    warmup: int = setting(5, "warm-up iterations of each stage's cosine schedule")
+    adv_embeddings: int = setting(16, "adversarial embeddings learned per adversarial stage")
+    adv_lr: float = setting(1e-2, "their AdamW lr")
+    anchor_noise: float = setting(1e-3, "noise added to anchor embeddings, relative to their norm")
+    seed: int = setting(0, "seed of every random draw of the run", config=False)
+
+    def concepts(self):
+        """The concepts to erase, one ResAG each."""
+        return concept_words(self.prompt, self.seperator)
+
+    def templates(self):
+        """The phrasing templates (``["{}"]`` without a file)."""
+        if self.prompt_templates is None or str(self.prompt_templates).strip().lower() == "none":
+            return ["{}"]
+        return read_prompt_templates(self.prompt_templates)
+
+    def listed_anchors(self):
+        """``--anchors`` as a list, or None when the anchors are chosen."""
+        return [a for a in self.anchors.split(",")] if self.anchors is not None else None
 
     def check(self):
-        """Refuse contradictory settings with one line each."""
-        if not self.concepts or not all(c.strip() for c in self.concepts):
-            raise UsageError("--prompt names no concept; e.g. --prompt 'Van Gogh' or --prompt 'A,B' --seperator ','")
-        if len(set(self.concepts)) != len(self.concepts):
-            raise UsageError(f"--prompt names a concept twice: {self.concepts}")
-        for concept, anchors in zip(self.concepts, self.anchors):
-            inside = [a for a in anchors if a.strip().lower() == concept.strip().lower()]
+        """Refuse bad or contradictory settings with one line each."""
+        concepts = self.concepts()
+        if len(set(concepts)) != len(concepts):
+            raise UsageError(f"--prompt names a concept twice: {concepts}")
+        for concept in concepts:
+            inside = [a for a in self.listed_anchors() or [] if a.strip().lower() == concept.strip().lower()]
             if inside:
                 raise UsageError(f"the anchors of '{concept}' include '{inside[0]}' itself; an anchor is kept, the "
                                  "target erased: drop it from --anchors")
-        if self.rank < 1 or self.gate_rank < 1:
-            raise UsageError(f"--rank and --gate_rank must be >= 1, got {self.rank} and {self.gate_rank}")
-        if self.stages < 1 or self.iterations < 1 or self.first_stage_factor < 1 or self.anchor_batch < 1:
-            raise UsageError("--stages, --iterations, --first_stage_factor and --anchor_batch must be >= 1")
-        if self.adv_embeddings < 0:
-            raise UsageError("--adv_embeddings must be >= 0")
-        for name in ("lr", "adv_lr", "alpha", "first_stage_lr_factor"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise UsageError(f"--{name} must be a positive number, got {value}")
-        if not all(t.count("{}") == 1 for t in self.templates):
-            raise UsageError("every prompt template must hold {} exactly once")
+        check_at_least(self, 1, "rank", "gate_rank", "stages", "iterations", "first_stage_factor", "anchor_batch")
+        check_at_least(self, 0, "adv_embeddings", "nearest_anchors", "warmup", "anchor_noise", "eta", "anchor_weight")
+        check_positive(self, "lr", "adv_lr", "alpha", "first_stage_lr_factor")
+        self.templates()
         return self
-
-    def as_dict(self):
-        return asdict(self)
 
     def stage_iterations(self, stage):
         return self.iterations * (self.first_stage_factor if stage == 0 else 1)
@@ -365,7 +169,7 @@ class CPESettings:
         return sum(self.stage_iterations(s) for s in range(self.stages))
 
     def total_iterations(self):
-        return len(self.concepts) * self.iterations_per_concept()
+        return len(self.concepts()) * self.iterations_per_concept()
 
     def position(self, iteration):
         """``(concept index, stage, iteration within the stage)`` of a global iteration (0-based)."""
@@ -389,8 +193,9 @@ class CPETrainer(ErasureTrainer):
     by stage, on projection outputs only. ``step()`` is one erase iteration; an adversarial stage runs in
     ``after_step`` when an erase stage ends (not after the last)."""
 
-    def __init__(self, model, settings, device="cpu", progress=True):
+    def __init__(self, model, settings, anchors, device="cpu", progress=True):
         self.settings = settings.check()
+        self.concepts, self.templates, self.anchors = settings.concepts(), settings.templates(), anchors
         self.model, self.unet = model, model.model.diffusion_model
         self.unet.requires_grad_(False)
         self.layers = gated_projections(self.unet)
@@ -398,7 +203,7 @@ class CPETrainer(ErasureTrainer):
         generator = torch.Generator().manual_seed(settings.seed)
         width = next(iter(self.layers.values())).in_features
         self.resags = [ResAG.new(c, self.layers, width, settings.rank, settings.gate_rank, settings.alpha, generator,
-                                 device) for c in settings.concepts]
+                                 device) for c in self.concepts]
         params = {f"{i}.{k}": t.requires_grad_(True) for i, r in enumerate(self.resags) for k, t in r.tensors.items()}
         super().__init__(params, settings.lr, settings.seed, device)
         self.tokens = model.cond_stage_model.max_length
@@ -433,7 +238,7 @@ class CPETrainer(ErasureTrainer):
     def target_and_neutral(self, concept):
         """The target and neutral prompts in one random template: their embeddings (1, tokens, width) each."""
         if concept not in self.prompt_cache:
-            name, templates = self.settings.concepts[concept], self.settings.templates
+            name, templates = self.concepts[concept], self.templates
             self.prompt_cache[concept] = (self.encode([t.replace("{}", name) for t in templates]),
                                           self.encode([t.replace("{}", self.settings.neutral) for t in templates]))
         targets, neutrals = self.prompt_cache[concept]
@@ -443,7 +248,7 @@ class CPETrainer(ErasureTrainer):
     def anchors_of(self, concept):
         """Every anchor of concept ``concept`` filled into every template, encoded once."""
         if concept not in self.anchor_cache:
-            prompts = [t.replace("{}", a) for a in self.settings.anchors[concept] for t in self.settings.templates]
+            prompts = [t.replace("{}", a) for a in self.anchors[concept] for t in self.templates]
             self.anchor_cache[concept] = self.encode(prompts) if prompts else self.empty[:0]
         return self.anchor_cache[concept]
 
@@ -495,14 +300,13 @@ class CPETrainer(ErasureTrainer):
     def adversarial_embeddings(self, concept, iterations):
         """``adv_embeddings`` additive embeddings that bring back the target's original projections through
         the frozen ResAG: minimise ``|| W~(c_tgt + delta) - W c_tgt ||^2`` (AdamW, cosine schedule)."""
-        from tqdm.auto import tqdm
         s = self.settings
         deltas = (torch.randn(s.adv_embeddings, self.tokens, self.empty.shape[-1], generator=self.generator)
                   / self.empty.shape[-1] ** 2).to(self.device).requires_grad_(True)
         optimizer = torch.optim.AdamW([deltas], lr=s.adv_lr)
         for tensor in self.resags[concept].tensors.values():
             tensor.requires_grad_(False)
-        for step in tqdm(range(iterations), desc=f"adversarial embeddings ({s.concepts[concept]})", leave=False,
+        for step in tqdm(range(iterations), desc=f"adversarial embeddings ({self.concepts[concept]})", leave=False,
                          disable=not self.progress):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(s.adv_lr, step, iterations, s.warmup)
@@ -536,8 +340,18 @@ class CPETrainer(ErasureTrainer):
             self._set_stage(concept, stage, 0)  # the optimizer whose state the checkpoint holds
         super().load_state_dict(state)
 
+    def total_iterations(self):
+        return self.settings.total_iterations()
+
+    def describe(self):
+        return [f"CPE '{word}': {len(kept)} anchors ({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})"
+                for word, kept in zip(self.concepts, self.anchors)]
+
+    def record(self):
+        return {"anchors": [list(kept) for kept in self.anchors]}
+
     def summary(self):
-        return {"concepts": list(self.settings.concepts), "anchors": [len(a) for a in self.settings.anchors],
+        return {"concepts": list(self.concepts), "anchors": [len(a) for a in self.anchors],
                 "stages": self.settings.stages, "layers": len(self.layers),
                 "adversarial_embeddings": [int(len(d)) for d in self.deltas]}
 
@@ -547,7 +361,7 @@ class CPETrainer(ErasureTrainer):
         for resag in self.resags:
             save_term(run_dir, resag.concept, {k: v.detach().cpu() for k, v in resag.tensors.items()},
                       {**metadata, "rank": s.rank, "gate_rank": s.gate_rank, "alpha": s.alpha,
-                       "text_width": resag.width, "anchors": json.dumps(s.anchors[s.concepts.index(resag.concept)])})
+                       "text_width": resag.width, "anchors": json.dumps(self.anchors[self.concepts.index(resag.concept)])})
 
     def edited_model(self):
         """The model with every trained ResAG wrapped around it (wrapped anew when unwrapped)."""

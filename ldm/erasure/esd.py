@@ -8,16 +8,16 @@ of only the trained parameters (``torch.func.functional_call``), so ESD-x costs 
 cross-attention weights, their copy and their optimizer state.
 """
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ldm.erasure.settings import MethodSettings, check_at_least, check_positive, setting
 from ldm.erasure.trainer import Denoiser, OverlayTrainer, select_unet_parameters
 from ldm.generate import latent_shape
 from ldm.models.diffusion.ddim import ddim_sample
-from ldm.paths import REPO_ROOT
+from ldm.paths import resolve_path
 from ldm.util import UsageError
 
 
@@ -34,10 +34,8 @@ TRAIN_METHODS = {
     "notime": lambda n: not (_out_layer(n) or "time_embed" in n),
     "xlayer": lambda n: "attn2" in n and ("output_blocks.6." in n or "output_blocks.8." in n),
     "selflayer": lambda n: "attn1" in n and ("input_blocks.4." in n or "input_blocks.7." in n),
-    "esd-x-strict": lambda n: "attn2.to_k" in n or "attn2.to_v" in n,
+    "xattn-strict": lambda n: "attn2.to_k" in n or "attn2.to_v" in n,
 }
-METHOD_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full"}
-
 # The original script's prompt macros.
 PROMPT_MACROS = {
     "allartist": "Kelly Mckernan, Thomas Kinkade, Ajin Demi Human, Alena Aenami, Tyler Edlin, Kilian Eng",
@@ -48,45 +46,20 @@ PROMPT_MACROS = {
 }
 
 # Generic phrasings for --prompt_templates (none copies an evaluation prompt of data/tiny-sd/).
-DEFAULT_PROMPT_TEMPLATES = REPO_ROOT / "data" / "esd-prompt-templates.txt"
-
-# The original CompVis script's defaults (SD v1); a model config may carry its own (``esd_defaults:``).
-ORIGINAL_DEFAULTS = {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0,
-                     "ddim_steps": 50, "sample_from": "esd", "targets_per_trajectory": 1}
-
-
-def with_defaults(chosen, model_defaults):
-    """The settings in ``chosen`` (None where the user gave none) filled from a model config's
-    ``esd_defaults`` over ``ORIGINAL_DEFAULTS``. Trajectory reuse taken from the defaults follows the
-    user's own choices: one target per trajectory when they sample with the model being trained, at
-    most one per DDIM step."""
-    filled = {k: chosen.get(k) for k in ORIGINAL_DEFAULTS}
-    from_defaults = {k for k, v in filled.items() if v is None}
-    filled.update({k: {**ORIGINAL_DEFAULTS, **model_defaults}[k] for k in from_defaults})
-    if "targets_per_trajectory" in from_defaults:
-        reuse = filled["targets_per_trajectory"] if filled["sample_from"] == "base" else 1
-        filled["targets_per_trajectory"] = min(reuse, filled["ddim_steps"])
-    return filled
-
-
-def canonical_method(train_method):
-    """The canonical name of ``train_method`` (aliases such as ``esd-x`` resolved); unknown is an error."""
-    name = METHOD_ALIASES.get(train_method, train_method)
-    if name not in TRAIN_METHODS:
-        valid = ", ".join(list(TRAIN_METHODS) + list(METHOD_ALIASES))
-        raise UsageError(f"train method '{train_method}' unknown; use one of: {valid}")
-    return name
+DEFAULT_PROMPT_TEMPLATES = "data/esd-prompt-templates.txt"
 
 
 def select_parameters(unet, train_method):
     """Names (relative to the UNet) of the parameters ``train_method`` trains; none is an error."""
-    return select_unet_parameters(unet, TRAIN_METHODS[canonical_method(train_method)],
-                                  f"train method '{train_method}'", hint="choose another --train_method")
+    if train_method not in TRAIN_METHODS:
+        raise UsageError(f"train method '{train_method}' unknown; use one of: {', '.join(TRAIN_METHODS)}")
+    return select_unet_parameters(unet, TRAIN_METHODS[train_method], f"train method '{train_method}'",
+                                  hint="choose another --train_method")
 
 
 def concept_words(prompt, seperator=None):
     """The concepts to erase: macros expanded, split on ``seperator`` (the original's spelling)."""
-    prompt = PROMPT_MACROS.get(prompt, prompt)
+    prompt = PROMPT_MACROS.get(prompt, prompt or "")
     words = [w.strip() for w in prompt.split(seperator)] if seperator else [prompt.strip()]
     words = [w for w in words if w]
     if not words:
@@ -94,12 +67,13 @@ def concept_words(prompt, seperator=None):
     return words
 
 
-def run_name(prompt, train_method, start_guidance, negative_guidance, iterations, lr):
+def run_name(settings):
     """The original script's run name, e.g. ``compvis-word_VanGogh-method_xattn-sg_3-ng_1-iter_1000-lr_1e-05``."""
     def number(x):
         return str(int(x)) if float(x).is_integer() else str(x)
-    return (f"compvis-word_{prompt.replace(' ', '')}-method_{train_method}-sg_{number(start_guidance)}"
-            f"-ng_{number(negative_guidance)}-iter_{iterations}-lr_{lr}")
+    s = settings
+    return (f"compvis-word_{s.prompt.replace(' ', '')}-method_{s.train_method}-sg_{number(s.start_guidance)}"
+            f"-ng_{number(s.negative_guidance)}-iter_{s.iterations}-lr_{s.lr}")
 
 
 def ddpm_timestep_interval(t_enc, ddim_steps, num_timesteps=1000):
@@ -129,43 +103,70 @@ def esd_target(e_anchor, e_uncond, e_concept, negative_guidance):
 
 
 @dataclass
-class ESDSettings:
-    """Everything that determines an ESD run (recorded in the run's config.yaml)."""
-    words: list
-    train_method: str = "xattn"
-    start_guidance: float = 3.0
-    negative_guidance: float = 1.0
-    iterations: int = 1000
-    lr: float = 1e-5
-    ddim_steps: int = 50
-    image_size: int = 512
-    sample_from: str = "esd"
-    erase_from: str = None
-    targets_per_trajectory: int = 1
-    seed: int = 0
-    prompt_templates: list = None  # phrasings of the concept ("a picture of {}"); None: the bare words
+class ESDSettings(MethodSettings):
+    """Everything that determines an ESD run (recorded in the run's config.yaml). Defaults: the original
+    CompVis script's (SD v1); tiny-sd's config sets its own (``esd_defaults:``)."""
+    prompt: str = setting(None, "concept to erase, or a macro: allartist, i2p, artifact", required=True, config=False)
+    seperator: str = setting(None, "split --prompt on this to erase several concepts (e.g. ',')", config=False,
+                             aliases=("separator",))
+    train_method: str = setting("xattn", "which UNet parameters train: " + ", ".join(TRAIN_METHODS), variant=True,
+                                config=False)
+    start_guidance: float = setting(3.0, "CFG scale sampling x_t")
+    negative_guidance: float = setting(
+        1.0, 'eta in the original\'s target eps("") - eta (eps(c) - eps("")); the authors\' later code writes '
+             'eps(c) - eta\' (eps(c) - eps("")), so its eta\' = 2 is eta = 1 here')
+    iterations: int = setting(1000, "training iterations")
+    lr: float = setting(1e-5, "Adam's learning rate")
+    ddim_steps: int = setting(50, "DDIM steps of the sampler that draws x_t")
+    image_size: int = setting(None, "pixels of the sampled x_t (none: the model's own size)", type=int)
+    prompt_templates: str = setting(None, "train on phrasings of the concept, one template a line with {} (bare "
+                                          f"flag: {DEFAULT_PROMPT_TEMPLATES}); none: the bare concept, as the paper",
+                                    const=DEFAULT_PROMPT_TEMPLATES, metavar="FILE")
+    erase_from: str = setting(None, "erase the concept only where it appears with this one (x_t drawn with it, the "
+                                    "student conditioned on it); erasure-report.py then reports it", config=False)
+    sample_from: str = setting("esd", "who samples x_t: the model being trained (esd, the original) or the frozen "
+                                      "one (base, the authors' later code)", choices=("esd", "base"))
+    targets_per_trajectory: int = setting(1, "with --sample_from base: training targets taken from one sampling "
+                                             "trajectory")
+    seed: int = setting(0, "seed of every random draw of the run", config=False)
+
+    @classmethod
+    def adjust_defaults(cls, values, sources):
+        """Trajectory reuse taken from the defaults follows the user's own choices: one target per trajectory
+        when the model being trained samples, at most one per DDIM step."""
+        if sources["targets_per_trajectory"] != "flag":
+            reuse = values["targets_per_trajectory"] if values["sample_from"] == "base" else 1
+            values["targets_per_trajectory"] = min(reuse, values["ddim_steps"])
+
+    def words(self):
+        """The concepts to erase (macros expanded, split on ``seperator``)."""
+        return concept_words(self.prompt, self.seperator)
+
+    def templates(self):
+        """The phrasing templates (None: the bare words)."""
+        return read_prompt_templates(self.prompt_templates) if self.prompt_templates else None
 
     def check(self):
-        """Refuse contradictory settings with one line each."""
-        canonical_method(self.train_method)
-        if self.sample_from not in ("esd", "base"):
-            raise UsageError(f"--sample_from '{self.sample_from}' unknown; use 'esd' or 'base'")
-        if self.erase_from is not None and self.erase_from.strip() in self.words:
+        """Refuse bad or contradictory settings with one line each."""
+        words = self.words()
+        if self.train_method not in TRAIN_METHODS:
+            raise UsageError(f"train method '{self.train_method}' unknown; use one of: {', '.join(TRAIN_METHODS)}")
+        if self.erase_from is not None and self.erase_from.strip() in words:
             raise UsageError(f"--erase_from '{self.erase_from}' equals the concept to erase; "
                              "name the broader concept it should be erased from (e.g. 'cowboy' for 'cowboy hat')")
-        if self.targets_per_trajectory < 1:
-            raise UsageError("--targets_per_trajectory must be >= 1")
+        check_at_least(self, 1, "iterations", "ddim_steps", "targets_per_trajectory")
+        if self.image_size is not None:
+            check_at_least(self, 8, "image_size")
+        check_positive(self, "lr", "negative_guidance")
+        if not (self.start_guidance >= 0 and math.isfinite(self.start_guidance)):
+            raise UsageError(f"--start_guidance must be >= 0, got {self.start_guidance}")
         if self.targets_per_trajectory > 1 and self.sample_from != "base":
             raise UsageError("--targets_per_trajectory > 1 reuses the frozen model's sampling trajectory; "
                              "it needs --sample_from base")
         if self.targets_per_trajectory > self.ddim_steps:
             raise UsageError(f"--targets_per_trajectory must be <= --ddim_steps ({self.ddim_steps})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if self.iterations < 1 or self.ddim_steps < 1:
-            raise UsageError("--iterations and --ddim_steps must be >= 1")
         if self.prompt_templates is not None:
-            check_prompt_templates(self.prompt_templates)
+            self.templates()
             if self.erase_from is not None:
                 raise UsageError("--prompt_templates and --erase_from cannot be combined; "
                                  "write the phrasings of 'A in B' yourself as --prompt with --erase_from")
@@ -173,10 +174,7 @@ class ESDSettings:
 
     def phrasings(self):
         """The prompts the concept is trained on: every template filled with every word."""
-        return [t.replace("{}", w) for w in self.words for t in (self.prompt_templates or ["{}"])]
-
-    def as_dict(self):
-        return asdict(self)
+        return [t.replace("{}", w) for w in self.words() for t in (self.templates() or ["{}"])]
 
 
 def check_prompt_templates(templates, source="--prompt_templates"):
@@ -190,8 +188,9 @@ def check_prompt_templates(templates, source="--prompt_templates"):
 
 
 def read_prompt_templates(path):
-    """Templates from a text file: one a line with ``{}`` for the concept; blank lines and ``#`` comments skipped."""
-    path = Path(path)
+    """Templates from a text file (a relative path not found from here is read from the repository root):
+    one a line with ``{}`` for the concept; blank lines and ``#`` comments skipped."""
+    path = resolve_path(path)
     if not path.is_file():
         raise UsageError(f"--prompt_templates file '{path}' does not exist; give a text file with one template a line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -218,7 +217,7 @@ class ESDTrainer(OverlayTrainer):
         self.uncond = embeddings[:1]
         self.concepts = embeddings[1:1 + len(phrasings)]  # one per word and phrasing
         self.anchor = embeddings[-1:] if settings.erase_from else None
-        self.latent_shape = latent_shape(model, settings.image_size)
+        self.latent_shape = latent_shape(model, settings.image_size)  # None: the model's own size
 
     def _targets(self):
         """``(x_t, t, context for the student, target)`` for the next iteration."""

@@ -12,6 +12,7 @@ import torch
 
 from ldm.data.concepts import ATTRIBUTES
 from ldm.data.prompt_sets import attribute_of
+from ldm.erasure.methods import ESD_BARS
 from ldm.evaluation import correct_table, wilson_interval
 from ldm.evaluator import HEADS
 
@@ -21,18 +22,6 @@ def per_concept_accuracy(results, prompts):
     table = correct_table(results, prompts)
     return table.groupby(["attribute", "truth"], as_index=False)["correct"].mean().rename(
         columns={"truth": "concept", "correct": "accuracy"})
-
-
-# Each method's bars, as its issue set them: the erased concept found in at most 10% of images; drops in
-# points for the other values of its attribute ("same attribute") and the other attributes.
-BARS = {"efficacy": 0.10, "same attribute": 5.0, "kept elsewhere": 5.0, "other attributes": 3.0}  # ESD
-METHOD_BARS = {"cie": {**BARS, "same attribute": 2.0}, "sepce": {**BARS, "same attribute": 2.0},
-               "cpe": {**BARS, "same attribute": 3.0, "other attributes": 2.0}}
-
-
-def bars_for(method):
-    """The bars a run of ``method`` is judged against (ESD's for ESD and any method without its own)."""
-    return METHOD_BARS.get(method, BARS)
 
 
 def paired_table(base_results, edited_results, prompts):
@@ -115,7 +104,7 @@ def _summary(specs, bootstrap, seed, bars):
     return summary
 
 
-def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=1000, seed=0, bars=BARS):
+def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=1000, seed=0, bars=ESD_BARS):
     """The report's rows, each with its image count, base and edited accuracy (Wilson 95% intervals), the
     change in points (95% interval by bootstrapping prompts) and a verdict against its bar.
 
@@ -161,7 +150,7 @@ def found_table(base_results, edited_results, prompts, concept):
 
 
 def attribute_erasure_summary(concept, erase_from, base_results, edited_results, prompts, bootstrap=1000, seed=0,
-                              bars=BARS):
+                              bars=ESD_BARS):
     """The report of ``--prompt concept --erase_from erase_from`` on ``attribute_erasure_prompts`` sets:
 
     - efficacy: how often ``concept`` is drawn on prompts with ``erase_from`` (set ``from``: its attribute

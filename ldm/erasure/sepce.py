@@ -1,4 +1,4 @@
-"""SepCE: Separable Concept Erasure (Zhao et al., 2024; METHODS.md section 2).
+"""SepCE: Separable Concept Erasure (Zhao et al., 2024).
 
 For concept i, ``E_i`` stacks the text embeddings (every context token) of ``""`` and of every protected
 concept (its keep set, and the concepts and keep sets of earlier terms); ``S_i`` (width x k) is an
@@ -14,19 +14,20 @@ its own ``term-<concept>.safetensors`` in the run folder; loading a run adds the
 the base weights (``apply_terms_of``), and dropping a term (``restore-concept.py``) restores its concept.
 """
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
 
-from ldm.erasure.cie import ConceptIrrelevance
-from ldm.erasure.runs import read_term, save_term, term_files
+from ldm.data.prompt_sets import all_concepts
+from ldm.erasure.cie import CiESettings, ConceptIrrelevance
+from ldm.erasure.settings import check_positive, setting
 from ldm.erasure.trainer import ErasureTrainer
-from ldm.text_geometry import NULL_SPACE_RTOL, null_space, stacked_embeddings
+from ldm.runs import read_term, save_term, term_files
+from ldm.text_geometry import NULL_SPACE_RTOL, null_space, protected_prompts, stacked_embeddings
 from ldm.util import UsageError
 
 MIN_NULL_DIMS = 8
-SEPCE_ORIGINAL_DEFAULTS = {"beta": 1.0}
 
 
 def is_separable_weight(name):
@@ -37,8 +38,6 @@ def is_separable_weight(name):
 def default_keep(concept):
     """tiny-sd's default keep set: every other value of the concept's attribute (styles as prompts name
     them); a concept outside the tiny-sd world has none (``--keep`` is then needed)."""
-    from ldm.data.prompt_sets import all_concepts
-    from ldm.text_geometry import protected_prompts
     if concept not in all_concepts():
         raise UsageError(f"'{concept}' has no default keep set (it is not a tiny-sd concept); name the concepts "
                          "to protect with --keep 'a,b,...'")
@@ -57,45 +56,34 @@ def protected_set(keep, earlier_terms=(), concept=None):
 
 
 @dataclass
-class SepCESettings:
-    """Everything that determines a SepCE run (recorded in the run's config.yaml)."""
-    concept: str
-    keep: list
-    data: dict
-    earlier: list = field(default_factory=list)  # concepts of the fixed terms (--on)
-    beta: float = 1.0
-    rtol: float = NULL_SPACE_RTOL
-    iterations: int = 1000
-    lr: float = 1e-6
-    l1_weight: float = 1e-5
-    tau: float = 1e-4
-    warmup: int = 10
-    momentum: float = 0.9
-    batch_size: int = 1
-    seed: int = 0
-    prompt_templates: list = None
+class SepCESettings(CiESettings):
+    """Everything that determines a SepCE run: CiE's loss and stop rule, and the term's protected set. Defaults:
+    the public code's (SD v1); tiny-sd's config sets its own (``sepce_defaults:``)."""
+    keep: str = setting(None, "comma-separated concepts to protect exactly (with the empty prompt); none for a "
+                              "tiny-sd concept: every other value of its attribute", config=False)
+    on: str = setting(None, "a SepCE run whose terms stay fixed: erase this concept on top", config=False,
+                      metavar="RUN")
+    beta: float = setting(1.0, "scale of the basis in alpha (beta S^T)")
+    rtol: float = setting(NULL_SPACE_RTOL, "null space: singular directions below rtol x the largest count as null")
+
+    def keep_set(self):
+        """The concepts the term protects (with ``""``): ``--keep``, else tiny-sd's default for the concept."""
+        if self.keep is None:
+            return default_keep(self.prompt)
+        return [k.strip() for k in self.keep.split(",")]
 
     def check(self):
-        """Refuse contradictory settings with one line each (CiE's checks, then the set's)."""
-        from ldm.erasure.cie import CiESettings
-        CiESettings(self.concept, self.data, self.iterations, self.lr, self.l1_weight, self.tau, self.warmup,
-                    self.momentum, self.batch_size, self.seed, self.prompt_templates).check()
-        keep = [k.strip() for k in self.keep]
+        """Refuse bad settings with one line each (CiE's checks, then the keep set's)."""
+        super().check()
+        keep = [k.strip() for k in self.keep_set()]
         if not any(keep):
             raise UsageError("the keep set is empty: SepCE protects the concepts it is built against; name them "
                              "with --keep 'a,b,...' (the empty prompt is always protected)")
-        if self.concept.strip() in keep:
-            raise UsageError(f"'{self.concept}' is in its own keep set; a concept cannot be erased and protected "
+        if self.prompt.strip() in keep:
+            raise UsageError(f"'{self.prompt}' is in its own keep set; a concept cannot be erased and protected "
                              "at once: drop it from --keep")
-        if self.concept.strip() in self.earlier:
-            raise UsageError(f"'{self.concept}' is already erased by the run given to --on; restore it first "
-                             "(restore-concept.py) or erase another concept")
-        if not (self.beta > 0 and self.rtol > 0):
-            raise UsageError("--beta and --rtol must be positive")
+        check_positive(self, "beta", "rtol")
         return self
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def term_basis(model, protected, rtol=NULL_SPACE_RTOL, concept=None):
@@ -147,7 +135,7 @@ def apply_terms(model, terms):
 
 
 def apply_terms_of(model, run_dir):
-    """The SepCE edit of a run folder (``ldm.erasure.runs.EDITS``): its terms added to the base."""
+    """The SepCE edit of a run folder: its terms added to the base."""
     return apply_terms(model, read_terms(run_dir))
 
 
@@ -159,6 +147,9 @@ class SepCETrainer(ConceptIrrelevance, ErasureTrainer):
 
     def __init__(self, model, settings, latents, protected, basis, earlier_terms=(), device="cpu", autocast_dtype=None):
         self.settings = settings.check()
+        if settings.prompt.strip() in [t["concept"] for t in earlier_terms]:
+            raise UsageError(f"'{settings.prompt}' is already erased by the run given to --on; restore it first "
+                             "(restore-concept.py) or erase another concept")
         self.model, self.unet = model, model.model.diffusion_model
         self.unet.requires_grad_(False)
         self.earlier_terms = list(earlier_terms)
@@ -197,9 +188,16 @@ class SepCETrainer(ConceptIrrelevance, ErasureTrainer):
         return {**super().summary(), "null_space_dims": int(self.basis.shape[1]),
                 "text_width": int(self.basis.shape[0]), "protected_prompts": len(self.protected)}
 
+    def describe(self):
+        return [f"SepCE '{self.settings.prompt}': null space {self.basis.shape[1]} of {self.basis.shape[0]} dims, "
+                f"protecting {len(self.protected)} prompts: {', '.join(repr(p) for p in self.protected)}"]
+
+    def record(self):
+        return {"protected": list(self.protected), "earlier": [t["concept"] for t in self.earlier_terms]}
+
     def new_term(self):
         """The trained term: its alphas, basis and beta, with its concept and protected set."""
-        return {"concept": self.settings.concept, "protected": self.protected, "beta": self.settings.beta,
+        return {"concept": self.settings.prompt, "protected": self.protected, "beta": self.settings.beta,
                 "basis": self.basis64.float().cpu(), "alphas": {n: a.detach().cpu() for n, a in self.params.items()}}
 
     def save_edit(self, run_dir, metadata):

@@ -10,7 +10,9 @@ import copy
 
 import torch
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
+from ldm.runs import save_resume_state, save_trained_params
 from ldm.util import UsageError
 
 
@@ -134,8 +136,20 @@ class ErasureTrainer:
         """Figures a method reports about its run (recorded in ``training.json``)."""
         return {}
 
+    def total_iterations(self):
+        """The iteration cap of the run (a stop rule may end it earlier)."""
+        return self.settings.iterations
+
+    def describe(self):
+        """Lines printed before training: what the method derived from its settings (none by default)."""
+        return []
+
+    def record(self):
+        """Values derived from the settings that the run's config records beside them (none by default)."""
+        return {}
+
     def save_edit(self, run_dir, metadata):
-        """Write the run's edit into ``run_dir`` (what ``ldm.erasure.runs.EDITS`` loads back)."""
+        """Write the run's edit into ``run_dir`` (what the method's registry entry applies back)."""
         raise NotImplementedError
 
     def edited_model(self):
@@ -225,7 +239,6 @@ class OverlayTrainer(ErasureTrainer):
         return {f"model.diffusion_model.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
 
     def save_edit(self, run_dir, metadata):
-        from ldm.erasure.runs import save_trained_params
         save_trained_params(run_dir, self.trained_state(), metadata)
 
     def edited_model(self):
@@ -233,3 +246,21 @@ class OverlayTrainer(ErasureTrainer):
 
     def base_values(self):
         return self.teacher.original_values(self.trained_names)
+
+
+def run_training(trainer, iterations, run_dir, save_every=0, progress=True):
+    """Step ``trainer`` up to ``iterations`` or until its stop rule ends it, writing the resumable state every
+    ``save_every`` iterations and at the end. A failing step leaves the last good state on disk and re-raises."""
+    with tqdm(total=iterations, initial=trainer.iteration, desc="erasing", disable=not progress) as bar:
+        while trainer.iteration < iterations and not trainer.stopped:
+            try:
+                loss = trainer.step()
+            except Exception:
+                save_resume_state(run_dir, trainer.state_dict())
+                raise
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            if save_every and trainer.iteration % save_every == 0:
+                save_resume_state(run_dir, trainer.state_dict())
+    save_resume_state(run_dir, trainer.state_dict())
+    return trainer

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.paths import CLIP_TOKENIZER_DIR, MODELS_DIR, resolve_path
+from ldm.paths import CLIP_TOKENIZER_DIR, SHIPPED_MODELS_DIR, resolve_path
 from ldm.util import UsageError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -23,7 +23,7 @@ def resolve_text_encoder_dir(version):
     become ``models/clip-vit-large-patch14`` because this project never downloads."""
     path = resolve_path(version)
     if not path.exists() and "/" in str(version) and not Path(version).is_absolute():
-        path = MODELS_DIR / str(version).rstrip("/").split("/")[-1]
+        path = SHIPPED_MODELS_DIR / str(version).rstrip("/").split("/")[-1]
     if not (path / "config.json").is_file():
         raise UsageError(
             f"text encoder folder '{path}' has no config.json: put the CLIP text encoder's config.json there "
