@@ -53,6 +53,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def new_parser(description):
+def new_parser(description, add_help=True):
     """The scripts' parser: a usage error, like every other error, is one line and exit status 2."""
-    return OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         add_help=add_help)

@@ -9,8 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-from ldm.training import export_checkpoint
-from ldm.util import UsageError
+from ldm.util import UsageError, atomic_save, atomic_save_safetensors
 
 
 def _original_config(config):
@@ -143,3 +142,32 @@ def save_single_file(loaded, path, half=True, overwrite=False):
     metadata = {"format": "pt", "source": loaded.name, "identity_sha256": loaded.sha256,
                 "dtype": "float16" if half else "float32"}
     return export_checkpoint(loaded.model, path, half=half, metadata=metadata)
+
+
+def compvis_state_dict(model, half=True, drop=("model_ema.", "cond_stage_model_ema.", "text_heads.")):
+    """``model``'s state dict as a CompVis checkpoint holds it (``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.transformer.*`` and the schedule buffers), contiguous on the CPU.
+
+    EMA weights, when the model keeps them, replace ``model.*`` (as in SD v1's released checkpoints).
+    With ``half``, parameters are stored as fp16; buffers (the noise schedule) stay fp32.
+    """
+    for ema, module in model.ema_pairs() if hasattr(model, "ema_pairs") else []:
+        ema.copy_to(module)
+    buffers = {name for name, _ in model.named_buffers()}
+    state_dict = {}
+    for name, value in model.state_dict().items():
+        if name.startswith(drop):  # EMA copies (copied in above) and training-only heads
+            continue
+        if half and name not in buffers and value.is_floating_point():
+            value = value.half()
+        state_dict[name] = value.detach().cpu().contiguous()
+    return state_dict
+
+
+def export_checkpoint(model, path, half=True, metadata=None):
+    """Write ``model`` as one CompVis checkpoint file, atomically: ``.safetensors`` (the tensors, with
+    ``metadata`` as strings) or ``.ckpt`` (``{"state_dict": ...}``, loadable with ``weights_only=True``)."""
+    state_dict = compvis_state_dict(model, half)
+    if Path(path).suffix == ".safetensors":
+        return atomic_save_safetensors(state_dict, path, metadata)
+    return atomic_save({"state_dict": state_dict}, path)

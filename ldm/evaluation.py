@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ldm.data.concepts import ATTRIBUTES, SIZE
 from ldm.evaluator import HEADS, classify
 from ldm.util import UsageError
 
@@ -44,7 +45,6 @@ def read_images(folder, names, size=None):
 def classify_folder(model, folder, batch_size=256, topk=1):
     """One row per image: ``pred_<head>`` and ``prob_<head>`` for object, color and style (and the
     top-k names with ``topk`` > 1). Unreadable images get a row with ``error`` set."""
-    from ldm.data.concepts import ATTRIBUTES, SIZE
     table = list_images(folder)
     results = []
     for start in range(0, len(table), batch_size):

@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from ldm.data.concepts import ATTRIBUTES, SIZE, render, sample_attributes
-from ldm.util import UsageError, atomic_save_safetensors, tensors_sha256
+from ldm.data.tiny_sd import ConceptWorld, world_fingerprint
+from ldm.generate import to_uint8
+from ldm.training import fit
+from ldm.util import UsageError, atomic_save_safetensors, tensors_sha256, warn
 
 HEADS = tuple(ATTRIBUTES)  # object, color, style
 
@@ -92,7 +95,6 @@ def augment(x, generator=None):
 @torch.no_grad()
 def reconstruct(first_stage, images, batch_size=200):
     """uint8 images (B, H, W, 3) passed through an autoencoder (encode, posterior mode, decode)."""
-    from ldm.generate import to_uint8
     out = []
     for start in range(0, len(images), batch_size):
         x = images_to_tensor(images[start:start + batch_size])
@@ -146,8 +148,6 @@ def train_evaluator(work_dir, steps=4000, batch_size=64, lr=2e-3, seed=0, pool_s
                     reconstructed_share=0.5):
     """Train a ConceptClassifier on a pool of rendered images (and, with ``first_stage``, their
     reconstructions) through the Lightning Trainer; resumable from ``work_dir``. Returns the model."""
-    from ldm.data.tiny_sd import ConceptWorld, world_fingerprint
-    from ldm.training import fit
     pool = ConceptWorld(size=pool_size, seed=seed + 1000)
     reconstructions = None if first_stage is None else reconstruct(first_stage, pool.images)
     torch.manual_seed(seed)
@@ -173,7 +173,6 @@ def heldout_accuracy(model, count=500, seed=12345, first_stage=None):
 def save_evaluator(model, path, first_stage=None):
     """Save weights and architecture as safetensors. The metadata holds the width, the class names, the
     renderer's SHA-256 and, when it was trained on reconstructions, the autoencoder's (``first_stage``)."""
-    from ldm.data.tiny_sd import world_fingerprint
     metadata = {"width": str(model.width), "classes": json.dumps(ATTRIBUTES),
                 "renderer_sha256": world_fingerprint(0, 0)["renderer_sha256"]}
     if first_stage is not None:
@@ -187,7 +186,6 @@ def check_autoencoder(evaluator, first_stage):
     recorded = evaluator.metadata.get("autoencoder_sha256")
     if recorded is None or recorded == tensors_sha256(first_stage.state_dict()):
         return True
-    from ldm.loading import warn
     warn("the evaluator was trained on another autoencoder's reconstructions than this model's; retrain it with "
          "train-scripts/train-evaluator.py for this model")
     return False

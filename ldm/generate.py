@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+from ldm.data.concepts import COLORS, OBJECTS, STYLES, fill_template
 from ldm.models.diffusion.ddim import ddim_sample
 
 
@@ -62,7 +63,6 @@ def generate_grid(model, prompts_grid, seed=0, image_size=None, **kwargs):
 def concept_grid(model, seed=0, color_offset=0, **kwargs):
     """tiny-sd's overview: rows are objects, columns styles, colors cycling down the rows.
     Returns (images (rows, cols, H, W, 3), row labels, column labels)."""
-    from ldm.data.concepts import COLORS, OBJECTS, STYLES, fill_template
     colors = tuple(COLORS)
     prompts = [[fill_template("a {color} {object} {in_style}", obj, colors[(i + color_offset) % len(colors)], style)[0]
                 for style in STYLES] for i, obj in enumerate(OBJECTS)]

@@ -24,6 +24,7 @@ import pandas as pd
 from ldm.data.prompt_sets import concept_filename
 from ldm.erasure import methods
 from ldm.paths import REPO_ROOT
+from ldm.plots import plt, save_figure
 from ldm.util import UsageError, atomic_to_csv, atomic_write_text, json_sha256
 
 COLUMNS = ["method", "concept", "efficacy", "specificity_same", "specificity_other", "drift", "asr_pre", "asr_post",
@@ -142,8 +143,6 @@ def leaderboard(results):
 
 def save_leaderboard(table, save_path, title):
     """``leaderboard.csv`` and ``leaderboard.png`` (a table a researcher can paste) under ``save_path``."""
-    import matplotlib.pyplot as plt
-    from ldm.plots import save_figure
     save_path = Path(save_path)
     atomic_to_csv(table, save_path / "leaderboard.csv")
     shown = table.drop(columns=["run"]).copy()

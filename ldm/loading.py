@@ -11,7 +11,6 @@ A run's edit is applied by its method's registry entry (``ldm.erasure.methods``)
 base checkpoint is not byte-identical to the one it was trained on is refused (``force_base=True``
 loads it anyway, with a warning).
 """
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ldm.erasure.methods import method_of_run
 from ldm.identity import compvis_identity, make_identity
 from ldm.paths import model_roots, resolve_path
 from ldm.runs import check_base, read_run_config, run_files
-from ldm.util import UsageError, load_config, load_model_from_config
+from ldm.util import UsageError, load_config, load_model_from_config, warn
 
 CHECKPOINT_NAMES = ("model.ckpt", "model.safetensors")
 
@@ -127,8 +126,3 @@ def load_model(model_name=None, config_path=None, ckpt_path=None, diffusers_path
     loaded = load_compvis(folder / "config.yaml", ckpt, device, unsafe_pickle, name=folder.name)
     loaded.folder = folder
     return loaded
-
-
-def warn(message):
-    """A one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr)

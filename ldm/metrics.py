@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ldm.data.concepts import SIZE
 from ldm.evaluation import list_images, read_images
+from ldm.evaluator import images_to_tensor
 from ldm.paths import SHIPPED_MODELS_DIR
 from ldm.util import UsageError
 
@@ -115,7 +117,6 @@ class EvaluatorFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        from ldm.evaluator import images_to_tensor
         x = images_to_tensor(images.permute(0, 2, 3, 1).cpu().numpy()).to(next(self.evaluator.parameters()).device)
         return self.evaluator.embed(x)
 
@@ -160,7 +161,6 @@ def frechet_distance(metric, real_folder, fake_folder, batch_size=64, size=None,
 def evaluator_fid(evaluator, real_folder, fake_folder, batch_size=256, progress=True, names=None):
     """Frechet distance between two folders (or their images ``names``) in the tiny-sd evaluator's
     feature space; returns (distance, images in real, images in fake)."""
-    from ldm.data.concepts import SIZE
     device = next(evaluator.parameters()).device
     return frechet_distance(_fid_metric(EvaluatorFeatures(evaluator)), real_folder, fake_folder, batch_size,
                             size=SIZE, device=device, progress=progress, names=names)

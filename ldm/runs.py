@@ -28,8 +28,8 @@ TERM_PREFIX = "term-"
 RESUME_STATE = Path("checkpoints") / "last.pt"
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 # settings that may differ between a killed run and its --resume (they change no weight)
-NOT_SETTINGS = ("resume", "overwrite", "save_every", "devices", "no_diffusers", "save_compvis", "mixed_precision",
-                "gradient_checkpointing", "show_settings")
+NOT_SETTINGS = ("resume", "overwrite", "save_every", "devices", "no_diffusers", "no_samples", "save_compvis",
+                "mixed_precision", "gradient_checkpointing", "show_settings")
 
 
 def check_run_name(name):

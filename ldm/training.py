@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ldm.plots import save_loss_plot
-from ldm.util import UsageError, atomic_save, atomic_save_safetensors, atomic_to_csv, atomic_write_text, dict_differences
+from ldm.util import UsageError, atomic_to_csv, atomic_write_text, dict_differences
 
 
 def fit(model, dataset, work_dir, max_steps, batch_size, learning_rate, seed=0, save_every=500,
@@ -77,32 +77,3 @@ def _keep_metrics_history(work_dir):
     history = pd.concat(parts, ignore_index=True).drop_duplicates().sort_values("step", kind="stable")
     atomic_to_csv(history, work_dir / "metrics-history.csv")
     return history
-
-
-def compvis_state_dict(model, half=True, drop=("model_ema.", "cond_stage_model_ema.", "text_heads.")):
-    """``model``'s state dict as a CompVis checkpoint holds it (``model.diffusion_model.*``,
-    ``first_stage_model.*``, ``cond_stage_model.transformer.*`` and the schedule buffers), contiguous on the CPU.
-
-    EMA weights, when the model keeps them, replace ``model.*`` (as in SD v1's released checkpoints).
-    With ``half``, parameters are stored as fp16; buffers (the noise schedule) stay fp32.
-    """
-    for ema, module in model.ema_pairs() if hasattr(model, "ema_pairs") else []:
-        ema.copy_to(module)
-    buffers = {name for name, _ in model.named_buffers()}
-    state_dict = {}
-    for name, value in model.state_dict().items():
-        if name.startswith(drop):  # EMA copies (copied in above) and training-only heads
-            continue
-        if half and name not in buffers and value.is_floating_point():
-            value = value.half()
-        state_dict[name] = value.detach().cpu().contiguous()
-    return state_dict
-
-
-def export_checkpoint(model, path, half=True, metadata=None):
-    """Write ``model`` as one CompVis checkpoint file, atomically: ``.safetensors`` (the tensors, with
-    ``metadata`` as strings) or ``.ckpt`` (``{"state_dict": ...}``, loadable with ``weights_only=True``)."""
-    state_dict = compvis_state_dict(model, half)
-    if Path(path).suffix == ".safetensors":
-        return atomic_save_safetensors(state_dict, path, metadata)
-    return atomic_save({"state_dict": state_dict}, path)

@@ -3,6 +3,7 @@ import fnmatch
 import hashlib
 import importlib
 import os
+import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -14,6 +15,11 @@ from omegaconf import OmegaConf
 
 class UsageError(Exception):
     """A problem the user can fix (bad file, flag or config); scripts print it as one line."""
+
+
+def warn(message):
+    """A one-line warning on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def get_obj_from_str(string):

@@ -22,7 +22,8 @@ from ldm.generate import concept_grid
 from ldm.models.diffusion import text_supervised
 from ldm.paths import REPO_ROOT
 from ldm.plots import save_image_grid
-from ldm.training import export_checkpoint, fit
+from ldm.convert import export_checkpoint
+from ldm.training import fit
 from ldm.util import (UsageError, instantiate_from_config, load_checkpoint_file, load_config, load_state_dict_strict,
                       state_dict_from_checkpoint, tensors_sha256)
 

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 
 from ldm.data.prompt_sets import all_concepts, attribute_of
+from ldm.evaluator import classify, load_evaluator
+from ldm.imagenet import load_resnet50
+from ldm.nudity import EXPOSED_CLASSES, load_detector
 from ldm.util import UsageError
 
 JUDGES = ("tiny-sd", "nudenet", "resnet50")
@@ -26,7 +29,6 @@ def default_judge(concept):
 
 def tiny_sd_judge(evaluator, concept):
     """The tiny-sd evaluator's verdict: its head for the concept's attribute names ``concept``."""
-    from ldm.evaluator import classify
     if concept not in all_concepts():
         raise UsageError(f"'{concept}' is not a tiny-sd concept; the tiny-sd evaluator judges only its own concepts")
     head = attribute_of(concept)
@@ -35,7 +37,6 @@ def tiny_sd_judge(evaluator, concept):
 
 def nudenet_judge(threshold=NUDENET_THRESHOLD):
     """NudeNet's verdict: any ``*_EXPOSED`` detection scoring above ``threshold``."""
-    from ldm.nudity import EXPOSED_CLASSES, load_detector
     if not 0 < threshold < 1:
         raise UsageError(f"--judge_threshold must be in (0, 1), got {threshold}")
     detector = load_detector()
@@ -61,7 +62,6 @@ def imagenet_index(concept, categories):
 
 def resnet50_judge(concept, device="cpu"):
     """ResNet-50's verdict: its top-1 ImageNet class is the concept's."""
-    from ldm.imagenet import load_resnet50
     model, weights = load_resnet50(device)
     index, preprocess = imagenet_index(concept, weights.meta["categories"]), weights.transforms()
 
@@ -75,7 +75,6 @@ def resnet50_judge(concept, device="cpu"):
 def make_judge(name, concept, device="cpu", evaluator_path=None, threshold=NUDENET_THRESHOLD):
     """The judge ``name`` (one of ``JUDGES``) for ``concept``."""
     if name == "tiny-sd":
-        from ldm.evaluator import load_evaluator
         return tiny_sd_judge(load_evaluator(evaluator_path, device), concept)
     if name == "nudenet":
         return nudenet_judge(threshold)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from ldm.cli import add_model_args, new_parser, parse_device
-from ldm.convert import save_diffusers
+from ldm.convert import export_checkpoint, save_diffusers
 from ldm.erasure import methods
 from ldm.erasure.concept_data import prepare_training_latents
 from ldm.erasure.outputs import comparison_prompts, save_before_after_grid, write_losses
@@ -22,7 +22,7 @@ from ldm.loading import load_compvis
 from ldm.paths import TINY_SD_DIR
 from ldm.runs import (base_identity, check_resume, check_run_name, load_resume_state, prepare_run_dir,
                       write_run_config)
-from ldm.training import export_checkpoint
+
 from ldm.util import UsageError, atomic_write_text, load_config
 
 
@@ -44,6 +44,7 @@ def add_run_args(parser, method):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     parser.add_argument("--save_compvis", action="store_true", help="also write the whole CompVis model.ckpt")
     parser.add_argument("--no_diffusers", action="store_true", help="skip the diffusers folder")
+    parser.add_argument("--no_samples", action="store_true", help="skip samples.png, the before/after grid")
     parser.add_argument("--run_name", help="the run's folder under the models folder (default: the method's naming)")
     parser.add_argument("--show_settings", action="store_true",
                         help="print the resolved settings and where each came from, then exit (loads no model)")
@@ -163,9 +164,10 @@ def train_run(trainer, name, method, settings, args, config, record):
                "training_seconds_this_process": round(seconds, 2), **trainer.summary()}
     atomic_write_text(run_dir / "training.json", json.dumps(summary, indent=2))
     model = trainer.edited_model().eval()
-    image_size = getattr(settings, "image_size", None) or pixel_size(model)
-    save_before_after_grid(model, trainer.without_edit, comparison_prompts(method.concepts(settings)),
-                           run_dir / "samples.png", image_size=image_size)
+    if not args.no_samples:
+        image_size = getattr(settings, "image_size", None) or pixel_size(model)
+        save_before_after_grid(model, trainer.without_edit, comparison_prompts(method.concepts(settings)),
+                               run_dir / "samples.png", image_size=image_size)
     if args.save_compvis:
         export_checkpoint(model, run_dir / "model.ckpt", half=False)
     if not args.no_diffusers:
@@ -176,13 +178,14 @@ def train_run(trainer, name, method, settings, args, config, record):
 def main(argv=None, method_name=None, description=__doc__):
     """``erase.py``: ``--method M`` picks the method (or ``method_name`` fixes it, as the per-method scripts do)."""
     if method_name is None:
-        picker = new_parser(description)
+        picker = new_parser(description, add_help=False)  # --help is the method's, once one is named
         picker.add_argument("--method", choices=list(methods.METHODS), help="; ".join(
             f"{m.name}: {m.description}" for m in methods.REGISTRY))
         known, rest = picker.parse_known_args(argv)
         if known.method is None:
             if any(a in ("-h", "--help") for a in rest):
                 picker.print_help()
+                print("\nthen: erase.py --method M --help shows that method's flags")
                 return None
             picker.error("--method is required: one of " + ", ".join(methods.METHODS))
         method_name, argv = known.method, rest

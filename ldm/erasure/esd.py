@@ -120,7 +120,7 @@ class ESDSettings(MethodSettings):
     ddim_steps: int = setting(50, "DDIM steps of the sampler that draws x_t")
     image_size: int = setting(None, "pixels of the sampled x_t (none: the model's own size)", type=int)
     prompt_templates: str = setting(None, "train on phrasings of the concept, one template a line with {} (bare "
-                                          f"flag: {DEFAULT_PROMPT_TEMPLATES}); none: the bare concept, as the paper",
+                                          f"flag: {DEFAULT_PROMPT_TEMPLATES}; none: the bare concept, as the paper)",
                                     const=DEFAULT_PROMPT_TEMPLATES, metavar="FILE")
     erase_from: str = setting(None, "erase the concept only where it appears with this one (x_t drawn with it, the "
                                     "student conditioned on it); erasure-report.py then reports it", config=False)
@@ -143,8 +143,10 @@ class ESDSettings(MethodSettings):
         return concept_words(self.prompt, self.seperator)
 
     def templates(self):
-        """The phrasing templates (None: the bare words)."""
-        return read_prompt_templates(self.prompt_templates) if self.prompt_templates else None
+        """The phrasing templates (None, for no file or 'none': the bare words)."""
+        if self.prompt_templates is None or str(self.prompt_templates).strip().lower() == "none":
+            return None
+        return read_prompt_templates(self.prompt_templates)
 
     def check(self):
         """Refuse bad or contradictory settings with one line each."""
@@ -165,8 +167,7 @@ class ESDSettings(MethodSettings):
                              "it needs --sample_from base")
         if self.targets_per_trajectory > self.ddim_steps:
             raise UsageError(f"--targets_per_trajectory must be <= --ddim_steps ({self.ddim_steps})")
-        if self.prompt_templates is not None:
-            self.templates()
+        if self.templates() is not None:
             if self.erase_from is not None:
                 raise UsageError("--prompt_templates and --erase_from cannot be combined; "
                                  "write the phrasings of 'A in B' yourself as --prompt with --erase_from")

@@ -15,6 +15,7 @@ from ldm.data.prompt_sets import attribute_of
 from ldm.erasure.methods import ESD_BARS
 from ldm.evaluation import correct_table, wilson_interval
 from ldm.evaluator import HEADS
+from ldm.generate import generate, latent_shape, seeded_noise
 
 
 def per_concept_accuracy(results, prompts):
@@ -223,7 +224,6 @@ def preservation_table(base, edited, prompts, seeds=(0, 1, 2, 3), guidance_scale
     """Per prompt, how exactly ``edited`` keeps ``base`` (two CompVis models): the largest absolute
     difference of any cross-attention key/value (fp32) over every context token, and the largest pixel
     difference (0-255) of the images both draw from the same start noise, one per seed."""
-    from ldm.generate import generate, latent_shape, seeded_noise
     base_kv, edited_kv = _key_value_projections(base), _key_value_projections(edited)
     seeds = list(seeds)
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
