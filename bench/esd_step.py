@@ -45,7 +45,8 @@ class NaiveESD:
 
     def step(self):
         s, g = self.settings, self.generator
-        word = s.words[int(torch.randint(len(s.words), (1,), generator=g))]
+        words = s.concepts()
+        word = words[int(torch.randint(len(words), (1,), generator=g))]
         emb_0 = self.model_orig.get_learned_conditioning([""])
         emb_p = self.model_orig.get_learned_conditioning([word])
         emb_n = self.model.get_learned_conditioning([word])
@@ -93,7 +94,7 @@ def main(argv=None):
     prompt = "circle" if args.size == "tiny-sd" else "Van Gogh"
 
     def settings(**kw):
-        return ESDSettings(words=[prompt], train_method=args.train_method, lr=1e-5, ddim_steps=args.ddim_steps,
+        return ESDSettings(prompt=prompt, train_method=args.train_method, lr=1e-5, ddim_steps=args.ddim_steps,
                            image_size=image_size, iterations=args.iterations, **kw)
 
     variants = {

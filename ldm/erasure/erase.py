@@ -15,7 +15,7 @@ from ldm.convert import export_checkpoint, save_diffusers
 from ldm.erasure import methods
 from ldm.erasure.concept_data import prepare_training_latents
 from ldm.erasure.outputs import comparison_prompts, save_before_after_grid, write_losses
-from ldm.erasure.settings import add_setting_args, describe, model_config_defaults, resolve, setting_fields
+from ldm.erasure.settings import add_setting_args, describe, model_config_defaults, resolve
 from ldm.erasure.trainer import run_training
 from ldm.generate import pixel_size
 from ldm.loading import load_compvis
@@ -68,10 +68,7 @@ def parse_method_args(parser, method, argv):
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), unknown[0]).split("=")[0]
-        owners = [m.name for m in methods.REGISTRY
-                  if flag[2:] in {f.name for f in setting_fields(m.settings)} | {"mixed_precision",
-                                                                                 "gradient_checkpointing"}
-                  and (flag[2:] not in ("mixed_precision", "gradient_checkpointing") or m.mixed_precision)]
+        owners = [m.name for m in methods.REGISTRY if flag[2:] in m.flag_names()]
         if owners:
             raise UsageError(f"{flag} is not a flag of {method.name} (methods that take it: {', '.join(owners)}); "
                              f"see --help for {method.name}'s flags")
@@ -137,7 +134,7 @@ def erase(method, args):
     run_dir = train_run(trainer, name, method, settings, args, config, {**record, **trainer.record()})
     stop = getattr(getattr(trainer, "rule", None), "stop_iteration", None)
     ended = f", stopped by the rule at iteration {stop}" if stop else ""
-    print(f"erased {', '.join(method.concepts(settings))} ({method.name}{ended}); run written to {run_dir}")
+    print(f"erased {', '.join(settings.concepts())} ({method.name}{ended}); run written to {run_dir}")
     return run_dir
 
 
@@ -166,7 +163,7 @@ def train_run(trainer, name, method, settings, args, config, record):
     model = trainer.edited_model().eval()
     if not args.no_samples:
         image_size = getattr(settings, "image_size", None) or pixel_size(model)
-        save_before_after_grid(model, trainer.without_edit, comparison_prompts(method.concepts(settings)),
+        save_before_after_grid(model, trainer.without_edit, comparison_prompts(settings.concepts()),
                                run_dir / "samples.png", image_size=image_size)
     if args.save_compvis:
         export_checkpoint(model, run_dir / "model.ckpt", half=False)

@@ -138,7 +138,7 @@ class ESDSettings(MethodSettings):
             reuse = values["targets_per_trajectory"] if values["sample_from"] == "base" else 1
             values["targets_per_trajectory"] = min(reuse, values["ddim_steps"])
 
-    def words(self):
+    def concepts(self):
         """The concepts to erase (macros expanded, split on ``seperator``)."""
         return concept_words(self.prompt, self.seperator)
 
@@ -150,7 +150,7 @@ class ESDSettings(MethodSettings):
 
     def check(self):
         """Refuse bad or contradictory settings with one line each."""
-        words = self.words()
+        words = self.concepts()
         if self.train_method not in TRAIN_METHODS:
             raise UsageError(f"train method '{self.train_method}' unknown; use one of: {', '.join(TRAIN_METHODS)}")
         if self.erase_from is not None and self.erase_from.strip() in words:
@@ -175,7 +175,7 @@ class ESDSettings(MethodSettings):
 
     def phrasings(self):
         """The prompts the concept is trained on: every template filled with every word."""
-        return [t.replace("{}", w) for w in self.words() for t in (self.templates() or ["{}"])]
+        return [t.replace("{}", w) for w in self.concepts() for t in (self.templates() or ["{}"])]
 
 
 def check_prompt_templates(templates, source="--prompt_templates"):

@@ -15,6 +15,7 @@ from ldm.erasure.cpe_gates import apply_resags_of, apply_to_diffusers as apply_r
 from ldm.erasure.esd import ESDSettings, ESDTrainer, run_name as esd_run_name
 from ldm.erasure.folding import fold_into_diffusers
 from ldm.erasure.sepce import SepCESettings, SepCETrainer, apply_terms_of, protected_set, read_terms, term_basis
+from ldm.erasure.settings import setting_fields
 from ldm.runs import apply_trained_params, find_run
 from ldm.util import UsageError, load_config
 
@@ -50,10 +51,10 @@ class Method:
         """The model config's blocks this method reads, general first: ``<family>_defaults``, ``<name>_defaults``."""
         return tuple(dict.fromkeys([f"{self.family}_defaults", f"{self.name}_defaults"]))
 
-    def concepts(self, settings):
-        """The concepts a run of these settings erases."""
-        words = getattr(settings, "words", None) or getattr(settings, "concepts", None)
-        return words() if words else [settings.prompt]
+    def flag_names(self):
+        """The setting flags this method takes, and the precision flags where it runs the UNet."""
+        names = {f.name for f in setting_fields(self.settings) if f.metadata["flag"] and f.name not in self.fixed}
+        return names | ({"mixed_precision", "gradient_checkpointing"} if self.mixed_precision else set())
 
 
 def _esd_build(settings, model, devices, autocast_dtype, latents):

@@ -38,6 +38,10 @@ class MethodSettings:
         """Refuse bad values with one line each; returns self."""
         return self
 
+    def concepts(self):
+        """The concepts a run of these settings erases (methods that split ``prompt`` say how)."""
+        return [self.prompt]
+
     @classmethod
     def adjust_defaults(cls, values, sources):
         """Change, in place, ``values`` whose ``sources`` are defaults, given the rest (none by default)."""
