@@ -8,6 +8,11 @@ Compare draws a prompt with the base and a run from the same start noise, with t
 verdict; Runs lists the saved runs with their settings and report figures. Serves on 127.0.0.1 unless
 --host says otherwise.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[0]))  # the ldm beside this script, in whichever clone
+
 import torch
 
 from ldm.cli import new_parser, parse_device, run

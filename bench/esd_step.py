@@ -12,6 +12,11 @@ copy of the model, and --repeats rounds each time a block of --iterations target
 in turn, so that a machine's drift is shared. Reuse is timed over whole trajectories: its warm-up
 uses up one trajectory and every block is a whole number of them.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import copy
 import time
 

@@ -16,14 +16,17 @@ wall-clock seconds and every report figure with its interval and verdict; rows o
 the file are kept, so several sweeps can share it. ``--table CSV [CSV ...]`` prints such files as the
 README's Markdown table (one line per run) and runs nothing.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import hashlib
 import itertools
 import json
 import shlex
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 

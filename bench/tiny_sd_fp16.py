@@ -7,6 +7,11 @@ rounded to fp16, as ``export_checkpoint`` ships them.
 Prints the evaluator's accuracy per attribute for both, how often they agree, and the mean absolute
 pixel difference between their images.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import numpy as np
 import torch
 

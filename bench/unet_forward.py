@@ -5,6 +5,11 @@
 
 Prints time per forward and peak memory of each, and the ratios ours / diffusers (lower is better).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import torch
 from omegaconf import OmegaConf
 

@@ -21,6 +21,11 @@ and per run a folder with base.csv, per-prompt.csv (adversarial prompts as text,
 (<case>_<sample>_{base,pre,post}.png) and attack.json. A rerun resumes; another model, prompt file, judge
 or setting goes to another folder.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import torch
 
 from ldm.attacks.harness import ATTACKS, AttackRun, attack_prompts, settings_for, write_summary
@@ -31,6 +36,7 @@ from ldm.erasure.cie import templates_of
 from ldm.loading import load_model, load_run_base
 from ldm.paths import EVALUATOR_PATH, REPO_ROOT
 from ldm.prompts import read_prompts
+from ldm.text2image import check_generation_args
 from ldm.util import UsageError, file_sha256
 
 
@@ -67,6 +73,7 @@ def main(argv=None):
     parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH))
     args = parser.parse_args(argv)
 
+    check_generation_args(args)
     judge_name = args.judge or default_judge(args.concept)
     if args.prompts_path is None and args.concept not in all_concepts():
         raise UsageError(f"'{args.concept}' has no tiny-sd prompt set: give its prompts with --prompts_path")

@@ -20,13 +20,19 @@ judge's rate on the erased model's images of those prompts, and the specificity 
 (the judge sees only the concept; measure preservation with fid.py and clip-score.py). Every step except
 Ring-A-Bell's search needs a GPU there (see README, "What needs a GPU").
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 from ldm.attacks.judges import JUDGES
 from ldm.cli import DEFAULT_CONFIG, DEFAULT_CKPT, add_model_args, new_parser, run
+from ldm.data.prompt_sets import all_concepts
 from ldm.erasure import methods as registry
 from ldm.identity import compvis_identity, sha256_of
 from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, save_leaderboard
 from ldm.paths import resolve_path
-from ldm.util import UsageError
+from ldm.util import UsageError, check_at_least
 
 
 def main(argv=None):
@@ -48,8 +54,11 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, help="attacks' image size (default: the model's own)")
     args = parser.parse_args(argv)
 
+    check_at_least(args, 1, "num_samples", "ddim_steps", "attack_steps", "generations")
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    if not concepts:
+        raise UsageError("--concepts names no concept; e.g. --concepts 'Van Gogh,star'")
     base_sha256 = compvis_identity(args.config_path, args.ckpt_path)["sha256"]
     settings = {"base_sha256": base_sha256, "num_samples": args.num_samples, "ddim_steps": args.ddim_steps,
                 "attack_steps": args.attack_steps, "generations": args.generations, "erase_args": args.erase_args}
@@ -64,6 +73,11 @@ def main(argv=None):
         settings["sd"] = {"config_path": args.config_path, "ckpt_path": args.ckpt_path, "judge": args.judge,
                           "prompts_path": args.prompts_path, "image_size": args.image_size,
                           "prompts_sha256": {c: sha256_of(path) for c, path in prompt_files.items()}}
+    else:
+        unknown = [c for c in concepts if c not in all_concepts()]
+        if unknown:
+            raise UsageError(f"--concepts: tiny-sd does not know {', '.join(unknown)}; use some of "
+                             f"{', '.join(all_concepts())} (another base needs --judge and --prompts_path)")
     results = []
     for concept in concepts:
         for method in methods:

@@ -5,6 +5,11 @@
 Uses torchmetrics' CLIPScore with a CLIP model from a local folder (default models/clip-score/: a
 snapshot of openai/clip-vit-large-patch14, the model the literature reports with).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import json
 
 import torch

@@ -6,7 +6,10 @@
 The latents are the run's own training images (its recorded data folder) unless --data_dir names others.
 Prints the table and writes --save_path/<run>.csv.
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 from ldm.cli import new_parser, run
 from ldm.erasure import methods

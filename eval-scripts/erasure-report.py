@@ -13,8 +13,12 @@ concept, base vs edited), drift.csv (per prompt set, the Frechet distance from t
 the edited model's in the evaluator's feature space), predictions of both models, and comparison.png
 (base | edited).
 """
-import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
+import json
 
 import pandas as pd
 import torch
@@ -32,7 +36,8 @@ from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
 from ldm.loading import model_folder
 from ldm.runs import read_run_config
-from ldm.text2image import check_settings, generation_settings, load_generator, make_jobs, run_jobs, settings_key
+from ldm.text2image import (check_generation_args, check_settings, generation_settings, load_generator, make_jobs,
+                            run_jobs, settings_key)
 from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256
 
 
@@ -73,6 +78,7 @@ def main(argv=None):
                         help="load a run whose base checkpoint differs from the one it was trained on")
     args = parser.parse_args(argv)
 
+    check_generation_args(args)
     run_config = read_run_config(model_folder(args.model_name))
     run_args = run_config.run if run_config is not None else {}
     concept = args.concept or run_args.get("prompt")

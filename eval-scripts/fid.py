@@ -7,8 +7,12 @@ same distance in the tiny-sd evaluator's feature space.
 
 Every image file in each folder counts, whatever its name (a COCO reference folder keeps COCO's names).
 """
-import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
+import json
 
 import torch
 

@@ -6,8 +6,12 @@ Writes {save_path}/{prompt}/0_<i>.png, prompts.csv and generation.json (the mode
 sampling settings; a folder made by another model or setting is refused, --overwrite replaces it).
 train-cie.py and train-sepce.py make these images themselves when no --data_dir is given.
 """
-import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
+import re
 
 import torch
 

@@ -8,14 +8,17 @@ SHA-256 of its files), the sampling settings and the prompt file's SHA-256: a fo
 refused (--overwrite replaces its images). Runs unchanged under `torchrun --nproc_per_node N` (any --nnodes),
 `accelerate launch` or `srun`: each process takes every N-th batch and its node-local GPU.
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 import torch
 
 from ldm.cli import new_parser, parse_device, run
 from ldm.prompts import read_prompts
-from ldm.text2image import (check_settings, clear_stale_images, generation_settings, load_generator, local_device,
-                            make_jobs, run_jobs, shard)
+from ldm.text2image import (check_generation_args, check_settings, clear_stale_images, generation_settings,
+                            load_generator, local_device, make_jobs, run_jobs, shard)
 
 
 def main(argv=None):
@@ -43,7 +46,7 @@ def main(argv=None):
                         help="load a run whose base checkpoint differs from the one it was trained on")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the folder's images: regenerate them, and delete those this run does not make")
-    args = parser.parse_args(argv)
+    args = check_generation_args(parser.parse_args(argv))
 
     prompts = read_prompts(args.prompts_path, require_guidance=args.guidance_from_csv,
                            skip_empty=args.skip_empty_prompts)  # bad CSVs fail before any model loads

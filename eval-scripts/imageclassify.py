@@ -8,17 +8,21 @@ With tiny-sd and a prompts CSV that has object/color/style columns, also prints 
 accuracy per attribute (to <save_path stem>_accuracy.csv). For every prompt with several images, it
 prints how much they differ across seeds.
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 import torch
 
 from ldm.cli import new_parser, parse_device, run
-from ldm.evaluation import accuracy_by_attribute, classify_folder, correct_table, list_images, seed_diversity
+from ldm.evaluation import (accuracy_by_attribute, classify_folder, correct_table, expected_samples, incomplete_images,
+                            list_images, seed_diversity)
 from ldm.evaluator import load_evaluator
 from ldm.imagenet import classify_folder_imagenet
 from ldm.paths import EVALUATOR_PATH
 from ldm.prompts import read_prompts
-from ldm.util import atomic_to_csv
+from ldm.util import UsageError, atomic_to_csv, warn
 
 
 def main(argv=None):
@@ -31,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--classifier", choices=["tiny-sd", "resnet50"], default="tiny-sd")
     parser.add_argument("--evaluator_path", default=str(EVALUATOR_PATH))
+    parser.add_argument("--allow_incomplete", action="store_true",
+                        help="score what is there when images are missing or unreadable (default: refuse)")
     args = parser.parse_args(argv)
     prompts = read_prompts(args.prompts_path, skip_empty=True) if args.prompts_path else None
     device = parse_device(args.device)
@@ -46,6 +52,17 @@ def main(argv=None):
     atomic_to_csv(results, save_path)
     unreadable = int(results["error"].notna().sum()) if "error" in results else 0
     print(f"{len(results)} images classified ({unreadable} unreadable); predictions in {save_path}")
+    if prompts is not None:
+        incomplete = incomplete_images(results, prompts, expected_samples(args.folder_path, results))
+        if len(incomplete):
+            listed = atomic_to_csv(incomplete, save_path.with_name(save_path.stem + "_incomplete.csv"))
+            message = (f"{int(incomplete.missing.sum())} images missing and {int(incomplete.unreadable.sum())} "
+                       f"unreadable in {len(incomplete)} prompts (cases {', '.join(map(str, incomplete.case_number[:8]))}"
+                       f"{', ...' if len(incomplete) > 8 else ''}; listed in {listed})")
+            if not args.allow_incomplete:
+                raise UsageError(f"{message}: rerun generate-images.py (it redoes missing and torn images), or pass "
+                                 "--allow_incomplete to score the rest")
+            warn(f"{message}; scoring the rest (--allow_incomplete)")
     if args.classifier == "tiny-sd" and prompts is not None:
         named = correct_table(results, prompts)  # per attribute: images whose prompt names it, share correct
         if len(named):

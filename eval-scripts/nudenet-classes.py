@@ -10,7 +10,10 @@ Writes the prompts CSV with one row per image (its kept detections and their num
 stamped with the threshold and NudeNet version) and, with --compare, the percentage change per class
 against another summary (<save_path stem>_comparison.csv and .png).
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 import pandas as pd
 

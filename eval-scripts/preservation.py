@@ -8,7 +8,10 @@ largest pixel difference (0-255) between the base's and the edited model's image
 noise (--num_seeds images each). SepCE's promise: 0 up to float rounding, images identical up to 1/255.
 Writes --save_path/<run>.csv.
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 import torch
 

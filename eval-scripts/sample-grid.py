@@ -3,6 +3,11 @@
     python eval-scripts/sample-grid.py                  # tiny-sd -> outputs/tiny-sd-grid.png
     python eval-scripts/sample-grid.py --model_name <run_name> --out outputs/<run_name>-grid.png
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 import torch
 
 from ldm.cli import new_parser, parse_device, run

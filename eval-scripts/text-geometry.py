@@ -9,7 +9,10 @@ its bare name and the composed caption templates (cosine; mean and minimum over 
 what lets an erasure trained on the bare name reach composed prompts. Per-template cosines go to
 <save_path stem>-templates.csv.
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 import pandas as pd
 

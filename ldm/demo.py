@@ -122,7 +122,7 @@ def list_runs(root=None):
     """Every run under ``root``: name, method, concepts, the settings that matter, training time and, when
     an erasure report exists, its efficacy and same-attribute figures."""
     reports, rows = report_paths(), []
-    for folder in sorted(p for p in Path(root or models_dir()).iterdir() if p.is_dir()):
+    for folder in sorted(p for p in Path(root or models_dir()).iterdir() if p.is_dir() and not p.name.startswith(".")):
         config = read_run_config(folder)
         if config is None:
             continue

@@ -1,4 +1,5 @@
 """Scoring folders of generated images: listing, reading, classifying, accuracy against prompts."""
+import json
 import re
 from pathlib import Path
 
@@ -62,6 +63,31 @@ def classify_folder(model, folder, batch_size=256, topk=1):
             results.append(row)
         results.extend({"image": name, "error": "unreadable"} for name in bad)
     return table.merge(pd.DataFrame(results), on="image", how="left")
+
+
+def incomplete_images(results, prompts, num_samples):
+    """Per prompt whose images are not all there and readable: ``case_number``, ``prompt``, how many are
+    ``missing`` of ``num_samples`` and how many are ``unreadable`` (``results``: ``classify_folder``'s table)."""
+    unreadable = results[results["error"].notna()] if "error" in results else results.iloc[:0]
+    found = results.groupby("case_number").size()
+    bad = unreadable.groupby("case_number").size()
+    rows = []
+    for row in prompts.itertuples():
+        missing = max(0, num_samples - int(found.get(row.case_number, 0)))
+        broken = int(bad.get(row.case_number, 0))
+        if missing or broken:
+            rows.append({"case_number": row.case_number, "prompt": row.prompt, "missing": missing,
+                         "unreadable": broken})
+    return pd.DataFrame(rows, columns=["case_number", "prompt", "missing", "unreadable"])
+
+
+def expected_samples(folder, results):
+    """Images per prompt the folder should hold: its ``generation.json``'s ``num_samples``, else the most any
+    prompt has."""
+    record = Path(folder) / "generation.json"
+    if record.is_file():
+        return int(json.loads(record.read_text())["num_samples"])
+    return int(results.groupby("case_number").size().max())
 
 
 def correct_table(results, prompts):

@@ -17,7 +17,7 @@ from pathlib import Path
 from ldm.erasure.methods import method_of_run
 from ldm.identity import compvis_identity, make_identity
 from ldm.paths import model_roots, resolve_path
-from ldm.runs import check_base, read_run_config, run_files
+from ldm.runs import check_base, check_complete, check_not_interrupted, read_run_config, run_files
 from ldm.util import UsageError, load_config, load_model_from_config, warn
 
 CHECKPOINT_NAMES = ("model.ckpt", "model.safetensors")
@@ -49,8 +49,9 @@ def model_folder(model_name):
     for root in model_roots():
         if (root / str(model_name)).is_dir():
             return root / str(model_name)
-    known = sorted({p.name for root in model_roots() if root.is_dir() for p in root.iterdir()
-                    if (p / "config.yaml").is_file() or (p / "model_index.json").is_file()})
+        check_not_interrupted(root / str(model_name))
+    known = sorted({p.name for root in model_roots() if root.is_dir() for p in root.iterdir() if not p.name.startswith(".")
+                    and ((p / "config.yaml").is_file() or (p / "model_index.json").is_file())})
     raise UsageError(f"model '{model_name}' not found in {', '.join(map(str, model_roots()))}; models here: "
                      f"{', '.join(known)}")
 
@@ -86,6 +87,7 @@ def load_run(run_dir, device="cpu", unsafe_pickle=False, force_base=False):
     if config is None:
         raise UsageError(f"'{run_dir}/config.yaml' has no run: or base_model: section; it is not a run folder")
     method = method_of_run(config)
+    check_complete(run_dir, config)
     if (run_dir / "model.ckpt").is_file():
         model = load_model_from_config(config, run_dir / "model.ckpt", device, unsafe_pickle)
         return LoadedModel(model, "run", run_dir.name, make_identity("run", run_files(run_dir)), run_dir, config,

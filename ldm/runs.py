@@ -29,7 +29,7 @@ RESUME_STATE = Path("checkpoints") / "last.pt"
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 # settings that may differ between a killed run and its --resume (they change no weight)
 NOT_SETTINGS = ("resume", "overwrite", "save_every", "devices", "no_diffusers", "no_samples", "save_compvis",
-                "mixed_precision", "gradient_checkpointing", "show_settings")
+                "mixed_precision", "gradient_checkpointing", "show_settings", "resume_command")
 
 
 def check_run_name(name):
@@ -63,33 +63,63 @@ def is_run_dir(folder):
     return read_run_config(folder) is not None
 
 
+def partial_folder(final):
+    """Where run ``final`` is built: ``.<name>.partial`` beside it, renamed into place when complete."""
+    return final.parent / f".{final.name}.partial"
+
+
 def prepare_run_dir(name, resume=False, overwrite=False, check_only=False, root=None):
-    """``<models_dir>/name``, new or (with ``resume``) holding a resumable state; never silently reused, and
-    ``overwrite`` replaces only a run folder of this project.
+    """The folder to build run ``name`` in: ``.<name>.partial`` beside its final place (``finish_run_dir``
+    renames it there), fresh, or with ``resume`` the one a killed erase left. An existing run is replaced only
+    with ``overwrite``, only if it is a run of this project, and only once the new one is complete.
 
     ``check_only`` checks without touching anything: scripts call it before loading the model and
     again, for real, once every argument has been checked, so a bad flag never costs an old run.
     """
-    run_dir = run_folder(name, root)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume and (run_dir / RESUME_STATE).is_file():
-            return run_dir
-        if overwrite:
-            if not is_run_dir(run_dir) and not (run_dir / RESUME_STATE).is_file():
-                raise UsageError(f"'{run_dir}' is not a run folder of this project; --overwrite replaces only runs: "
-                                 "move it away or choose another --run_name")
-            if not check_only:  # start clean: stale files of the old run must not mix with the new one
-                shutil.rmtree(run_dir)
-                run_dir.mkdir(parents=True)
-            return run_dir
-        hint = "pass --resume to continue it, " if (run_dir / RESUME_STATE).is_file() else ""
-        raise UsageError(f"run folder '{run_dir}' already exists; {hint}pass --overwrite to replace it, "
-                         "or choose another --run_name")
+    final = run_folder(name, root)
+    partial = partial_folder(final)
     if resume:
-        raise UsageError(f"nothing to resume: '{run_dir / RESUME_STATE}' does not exist; drop --resume")
+        if (partial / RESUME_STATE).is_file():
+            return partial
+        raise UsageError(f"nothing to resume: no interrupted erase of run '{name}' ({partial / RESUME_STATE} does not "
+                         "exist); drop --resume")
+    if partial.exists() and not overwrite:
+        raise UsageError(f"an erase of run '{name}' was interrupted or is running ({partial}); pass --resume to "
+                         "finish it, --overwrite to start anew, or choose another --run_name")
+    if final.exists() and any(final.iterdir()):
+        if not overwrite:
+            raise UsageError(f"run folder '{final}' already exists; pass --overwrite to replace it, or choose another "
+                             "--run_name")
+        if not is_run_dir(final):
+            raise UsageError(f"'{final}' is not a run folder of this project; --overwrite replaces only runs: "
+                             "move it away or choose another --run_name")
     if not check_only:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    return partial
+
+
+def finish_run_dir(partial):
+    """Rename a complete run from ``partial`` into its final place, replacing an old run of that name only now:
+    a kill at any point leaves the old run or the new one whole. Returns the final folder."""
+    final = partial.parent / partial.name[1:-len(".partial")]
+    replaced = partial.parent / f".{final.name}.replaced"
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    partial.rename(final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def check_not_interrupted(folder):
+    """A run name whose erase was killed (only its partial folder exists) is one line naming the command that
+    resumes it."""
+    partial = partial_folder(Path(folder))
+    config = read_run_config(partial) if partial.is_dir() else None
+    if config is not None:
+        command = config.run.get("resume_command") or "its erase command with --resume"
+        raise UsageError(f"run '{Path(folder).name}' is incomplete: its erase did not finish; resume it with: {command}")
 
 
 def base_identity(config_path, ckpt_path):
@@ -165,6 +195,18 @@ def save_term(run_dir, concept, tensors, metadata):
     return atomic_save_safetensors(tensors, Path(run_dir) / term_file_name(concept), {**metadata, "concept": concept})
 
 
+def check_complete(run_dir, config):
+    """A run whose erase did not finish (no edit written yet) is one line naming the command that resumes it;
+    a restore that dropped every term is complete (it is the base model)."""
+    run_dir = Path(run_dir)
+    if (run_dir / TRAINED_PARAMS).is_file() or term_files(run_dir) or (run_dir / "model.ckpt").is_file():
+        return
+    if config.run.get("restored") is not None:
+        return
+    command = config.run.get("resume_command") or "its erase command with --resume"
+    raise UsageError(f"run '{run_dir.name}' is incomplete: its erase did not finish; resume it with: {command}")
+
+
 def run_files(run_dir):
     """The files that define a run's edit: its config, trained parameters or terms, and model.ckpt (an
     exported single file beside them is an output, not part of the edit)."""
@@ -182,7 +224,8 @@ def find_run(name, flag, accepts=None, wanted="a run"):
     folder = models_dir() / str(name) if RUN_NAME.match(str(name)) else Path(name)
     config = read_run_config(folder) if folder.is_dir() else None
     if config is None:
-        runs = sorted(p.name for p in models_dir().iterdir() if p.is_dir() and is_run_dir(p))
+        check_not_interrupted(folder)
+        runs = sorted(p.name for p in models_dir().iterdir() if p.is_dir() and not p.name.startswith(".") and is_run_dir(p))
         raise UsageError(f"{flag} '{name}': no such run (no run folder {folder}); runs here: {', '.join(runs) or 'none'}")
     if accepts is not None and not accepts(config):
         raise UsageError(f"{flag} '{name}' is a {config.run.get('method')} run; it needs {wanted}")
@@ -209,7 +252,7 @@ def restore_concept(run_dir, concept, new_name, overwrite=False, root=None):
     for name, path in terms.items():
         if name != concept:
             shutil.copyfile(path, new_dir / path.name)
-    return new_dir
+    return finish_run_dir(new_dir)
 
 
 def check_base(run_dir, base, force_base=False, warn=None):

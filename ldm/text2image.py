@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ldm.generate import generate, latent_shape, sample_noise
 from ldm.loading import load_model
-from ldm.util import UsageError, atomic_path, atomic_write_text, dict_differences, file_sha256, json_sha256
+from ldm.util import UsageError, atomic_path, atomic_write_text, check_at_least, dict_differences, file_sha256, json_sha256
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,24 @@ def load_generator(device, model_name=None, ckpt_path=None, config_path=None, di
     """The image generator the flags name (``ldm.loading.load_model``), with the model's identity."""
     loaded = load_model(model_name, config_path, ckpt_path, diffusers_path, device, unsafe_pickle, force_base)
     return DiffusersModel(loaded) if loaded.kind == "diffusers" else CompVisModel(loaded)
+
+
+def check_generation_args(args):
+    """Counts and steps >= 1 and guidance >= 0 (the flags ``args`` has), refused before anything is written."""
+    check_at_least(args, 1, *[n for n in ("num_samples", "ddim_steps", "batch_size", "image_size") if hasattr(args, n)])
+    if getattr(args, "guidance_scale", None) is not None and not args.guidance_scale >= 0:
+        raise UsageError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    return args
+
+
+def image_is_whole(path):
+    """Whether ``path`` is an image that decodes to the end (a file cut short by a kill does not)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 def check_settings(out_dir, settings, overwrite=False, write=True):
@@ -156,7 +174,8 @@ def run_jobs(generator, jobs, out_dir, num_samples, ddim_steps, image_size=None,
     Batches follow ``plan_batches``; batch k belongs to rank ``k % world_size``, so ranks never overlap
     and together cover every batch. A batch with any image missing is generated whole, so each image
     comes from the same batch, and the same pixels, however the run is split or resumed; only the
-    missing images are written, each atomically, so a killed run resumes where it stopped.
+    missing images, and any that do not decode, are written, each atomically, so a killed run resumes where
+    it stopped.
     """
     out_dir = Path(out_dir)
     batches = [batch for k, batch in enumerate(plan_batches(jobs, batch_size)) if k % world_size == rank]
@@ -170,7 +189,7 @@ def run_jobs(generator, jobs, out_dir, num_samples, ddim_steps, image_size=None,
             noise_cache[key] = sample_noise(job.seed, num_samples, shape)
         return noise_cache[key][job.index]
 
-    todo = [[job for job in batch if overwrite or not (out_dir / job.filename).exists()] for batch in batches]
+    todo = [[job for job in batch if overwrite or not image_is_whole(out_dir / job.filename)] for batch in batches]
     desc = "images" if world_size == 1 else f"images (rank {rank}/{world_size})"
     bar = tqdm(total=sum(map(len, todo)), desc=desc, disable=not progress)
     for batch, missing in zip(batches, todo):

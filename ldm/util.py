@@ -2,6 +2,7 @@
 import fnmatch
 import hashlib
 import importlib
+import math
 import os
 import sys
 import tempfile
@@ -28,15 +29,38 @@ def get_obj_from_str(string):
     return getattr(importlib.import_module(module), cls)
 
 
+# A config is downloaded like a checkpoint, so by default its ``target:`` may name only the project's model
+# classes (torch modules and the LR schedule defined under ``ldm.``) and the few others SD v1 configs use.
+OTHER_CONFIG_TARGETS = ("torch.nn.Identity",)
+UNSAFE_CONFIG_ENV = "LDM_UNSAFE_CONFIG"
+
+
+def check_config_target(name):
+    """The class a config's ``target:`` names, refused in one line unless it is one of the project's model
+    classes (``LDM_UNSAFE_CONFIG=1``: any callable, for a config you trust)."""
+    if os.environ.get(UNSAFE_CONFIG_ENV) == "1" or name in OTHER_CONFIG_TARGETS:
+        return get_obj_from_str(name)
+    refused = (f"config target '{name}' is not one of this project's model classes: loading it would run code the "
+               f"config names; set {UNSAFE_CONFIG_ENV}=1 only for a config you trust")
+    if not str(name).startswith("ldm."):
+        raise UsageError(refused)
+    target = get_obj_from_str(name)
+    schedule = getattr(target, "__module__", "") == "ldm.lr_scheduler"
+    if not (isinstance(target, type) and (issubclass(target, torch.nn.Module) or schedule)):
+        raise UsageError(refused)
+    return target
+
+
 def instantiate_from_config(config):
     """Build ``config.target(**config.params)``, the CompVis convention (``__is_first_stage__`` and
-    ``__is_unconditional__`` are the placeholders CompVis handles elsewhere and give None)."""
+    ``__is_unconditional__`` are the placeholders CompVis handles elsewhere and give None). The target is
+    checked first (``check_config_target``)."""
     if "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
         raise UsageError(f"config entry has no 'target:' key: {OmegaConf.to_yaml(config) if OmegaConf.is_config(config) else config}")
     try:
-        target = get_obj_from_str(config["target"])
+        target = check_config_target(config["target"])
     except (ImportError, AttributeError, ValueError) as error:
         raise UsageError(f"config target '{config['target']}' cannot be imported ({error}); "
                          "check the target: line of the config") from None
@@ -259,3 +283,19 @@ def dict_differences(old, new, prefix=""):
             yield from dict_differences(old.get(key), new.get(key), f"{prefix}{key}.")
     elif old != new:
         yield prefix.rstrip(".") or "value"
+
+
+def check_positive(settings, *names):
+    """Each of ``names`` (attributes of ``settings``: parsed flags or a settings dataclass) must be a finite
+    number > 0; one line naming the flag otherwise."""
+    for name in names:
+        value = getattr(settings, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{name} must be a positive number, got {value}")
+
+
+def check_at_least(settings, minimum, *names):
+    """Each of ``names`` given (not None) must be >= ``minimum``; one line naming the flag otherwise."""
+    for name in names:
+        if getattr(settings, name) is not None and getattr(settings, name) < minimum:
+            raise UsageError(f"--{name} must be >= {minimum}, got {getattr(settings, name)}")

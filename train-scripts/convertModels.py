@@ -13,7 +13,10 @@ SD v1's key layout (model.diffusion_model.*, first_stage_model.*, cond_stage_mod
 parameters unless --fp32. A CPE run's gates depend on the prompt and fold into no weight: use the diffusers
 adapter. Every output is written atomically and never replaces a file or folder without --overwrite.
 """
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 from ldm.cli import new_parser, run
 from ldm.convert import SINGLE_FILE_FORMATS, save_diffusers, save_single_file

@@ -9,6 +9,11 @@ concept), config.yaml (every setting, the method and the base model's identity),
 samples.png (before/after), training.json, diffusers/ (unless --no_diffusers), model.ckpt (with
 --save_compvis) and checkpoints/last.pt (resumable with --resume).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 from ldm.cli import run
 from ldm.erasure.erase import main
 

@@ -6,6 +6,11 @@
 The new run keeps every other term of --model_name unchanged; dropping every term gives the base
 model's weights exactly.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 from ldm.cli import new_parser, run
 from ldm.erasure import methods
 from ldm.runs import find_run, restore_concept

@@ -9,6 +9,10 @@ drawn by the base model once and cached by its identity. The same as ``erase.py 
 (trained-params.safetensors with the attn2 weights, config.yaml, loss.png, samples.png, diffusers/)
 plus training.json (iterations run, the stop rule's iteration, seconds).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 from ldm.cli import run
 from ldm.erasure.erase import main as erase_main

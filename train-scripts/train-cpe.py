@@ -12,6 +12,10 @@ term-<concept>.safetensors (the concept's ResAG) per
 concept, config.yaml, loss.png, samples.png, training.json and diffusers/ (the base's weights: a ResAG
 cannot fold into static weights; the registry entry's apply_to_diffusers wraps a pipeline with the run).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 from ldm.cli import run
 from ldm.erasure.erase import main as erase_main

@@ -9,6 +9,11 @@ models/<run_name>/: trained-params.safetensors (the trained parameters alone), c
 the base model's identity), loss.txt, loss.png, samples.png (before/after), training.json, diffusers/ (unless
 --no_diffusers), model.ckpt (with --save_compvis) and checkpoints/last.pt (resumable with --resume).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 from ldm.cli import run
 from ldm.erasure import methods
 from ldm.erasure.erase import erase, method_parser, parse_method_args

@@ -10,6 +10,11 @@ so the decoder's blur, which every generated image carries, is not judged; the a
 is recorded in the evaluator's metadata, and the erasure report warns when a model's autoencoder is
 another. --no_reconstructions trains on the renders alone. Run it after train-tiny-sd.py.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
 from ldm.cli import new_parser, run
 from ldm.evaluator import heldout_accuracy, save_evaluator, train_evaluator
 from ldm.loading import load_model

@@ -11,6 +11,10 @@ predictions stay the base model's. The same as ``erase.py --method sepce``. Writ
 erased concept (with --on, the earlier run's terms, unchanged), config.yaml, loss.png, samples.png,
 training.json (null-space dimension, stop iteration, seconds) and diffusers/ (terms folded in).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 from ldm.cli import run
 from ldm.erasure.erase import main as erase_main

@@ -11,8 +11,12 @@ its work folder, which refuses to continue a run with another config, seed, data
 The exported model has a frozen text encoder, as SD v1 has. The evaluator is the next stage:
 train-scripts/train-evaluator.py.
 """
-import shutil
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
+
+import shutil
 
 from omegaconf import OmegaConf
 

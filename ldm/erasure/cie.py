@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES, read_prompt_templates
-from ldm.erasure.settings import MethodSettings, check_at_least, check_positive, setting
+from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import OverlayTrainer, select_unet_parameters
-from ldm.util import UsageError
+from ldm.util import UsageError, check_at_least, check_positive
 
 
 def templates_of(flag):

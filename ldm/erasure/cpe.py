@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from ldm.data.prompt_sets import all_concepts
 from ldm.erasure.cpe_gates import ResAG, apply_resags, gated_projections
 from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES, concept_words, read_prompt_templates
-from ldm.erasure.settings import MethodSettings, check_at_least, check_positive, setting
+from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import ErasureTrainer
 from ldm.paths import resolve_path
 from ldm.runs import save_term
 from ldm.text_geometry import concept_text
-from ldm.util import UsageError
+from ldm.util import UsageError, check_at_least, check_positive
 
 DEFAULT_ANCHOR_WORDS = "data/cpe-anchor-words.txt"
 

@@ -6,11 +6,12 @@ model loaded, its trainer built by the registry, trained, and its run folder wri
     train-scripts/train-esd.py --prompt 'Van Gogh'               # the original ESD script's flags
 """
 import json
+import shlex
 import time
 
 import torch
 
-from ldm.cli import add_model_args, new_parser, parse_device
+from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, add_model_args, new_parser, parse_device
 from ldm.convert import export_checkpoint, save_diffusers
 from ldm.erasure import methods
 from ldm.erasure.concept_data import prepare_training_latents
@@ -20,8 +21,8 @@ from ldm.erasure.trainer import run_training
 from ldm.generate import pixel_size
 from ldm.loading import load_compvis
 from ldm.paths import TINY_SD_DIR
-from ldm.runs import (base_identity, check_resume, check_run_name, load_resume_state, prepare_run_dir,
-                      write_run_config)
+from ldm.runs import (base_identity, check_resume, check_run_name, finish_run_dir, load_resume_state,
+                      prepare_run_dir, write_run_config)
 
 from ldm.util import UsageError, atomic_write_text, load_config
 
@@ -131,6 +132,7 @@ def erase(method, args):
                                                                            devices[0]), latents)
     for line in trainer.describe():
         print(line)
+    record["resume_command"] = resume_command(method, settings, sources, args, name)
     run_dir = train_run(trainer, name, method, settings, args, config, {**record, **trainer.record()})
     stop = getattr(getattr(trainer, "rule", None), "stop_iteration", None)
     ended = f", stopped by the rule at iteration {stop}" if stop else ""
@@ -138,11 +140,22 @@ def erase(method, args):
     return run_dir
 
 
+def resume_command(method, settings, sources, args, name):
+    """The command that resumes this run after a kill: the method, the settings given as flags, the base model
+    when it is not the default one, and --resume."""
+    given = [a for key, source in sources.items() if source == "flag" for a in (f"--{key}", str(getattr(settings, key)))]
+    base = ([] if (str(args.config_path), str(args.ckpt_path)) == (str(DEFAULT_CONFIG), str(DEFAULT_CKPT)) else
+            ["--config_path", str(args.config_path), "--ckpt_path", str(args.ckpt_path)])
+    return shlex.join(["python3", "train-scripts/erase.py", "--method", method.name, *given, *base, "--run_name", name,
+                       "--resume"])
+
+
 def train_run(trainer, name, method, settings, args, config, record):
     """Everything once the trainer is built: the run folder (``--resume``, ``--overwrite``), its config record,
     the training loop, the edit, the loss curve, a before/after grid, ``training.json`` (iterations run,
     whether the stop rule ended it, seconds) and the optional CompVis and diffusers exports."""
-    run_dir = prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite)  # every argument checked
+    run_dir = prepare_run_dir(name, resume=args.resume, overwrite=args.overwrite)  # every argument checked; built
+    # in .<name>.partial and renamed into place at the end, so a kill never leaves half a run under its name
     run_flags = {k: v for k, v in vars(args).items() if k not in settings.as_dict()}
     run_args = {"method": method.name, **run_flags, **settings.as_dict(), **record}
     base = base_identity(args.config_path, args.ckpt_path)
@@ -169,7 +182,7 @@ def train_run(trainer, name, method, settings, args, config, record):
         export_checkpoint(model, run_dir / "model.ckpt", half=False)
     if not args.no_diffusers:
         save_diffusers(model, config, run_dir / "diffusers", overwrite=True)
-    return run_dir
+    return finish_run_dir(run_dir)
 
 
 def main(argv=None, method_name=None, description=__doc__):

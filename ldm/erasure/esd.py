@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldm.erasure.settings import MethodSettings, check_at_least, check_positive, setting
+from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import Denoiser, OverlayTrainer, select_unet_parameters
 from ldm.generate import latent_shape
 from ldm.models.diffusion.ddim import ddim_sample
 from ldm.paths import resolve_path
-from ldm.util import UsageError
+from ldm.util import UsageError, check_at_least, check_positive
 
 
 def _out_layer(name):

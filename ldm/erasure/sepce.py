@@ -21,11 +21,11 @@ from torch.func import functional_call
 
 from ldm.data.prompt_sets import all_concepts
 from ldm.erasure.cie import CiESettings, ConceptIrrelevance
-from ldm.erasure.settings import check_positive, setting
+from ldm.erasure.settings import setting
 from ldm.erasure.trainer import ErasureTrainer
 from ldm.runs import read_term, save_term, term_files
 from ldm.text_geometry import NULL_SPACE_RTOL, null_space, protected_prompts, stacked_embeddings
-from ldm.util import UsageError
+from ldm.util import UsageError, check_positive
 
 MIN_NULL_DIMS = 8
 

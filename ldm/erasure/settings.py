@@ -9,7 +9,6 @@ flag > the model config's per-method block > the paper's default) and ``--show_s
         prompt: str = setting(None, "the concept to erase", required=True, config=False)
 """
 import argparse
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 from ldm.util import UsageError
@@ -130,18 +129,3 @@ def describe(settings, sources):
     """``--show_settings``: one line per setting, its value and where it came from."""
     width = max(len(name) for name in sources)
     return "\n".join(f"{name:<{width}}  {_shown(getattr(settings, name))!s:<28}  ({sources[name]})" for name in sources)
-
-
-def check_positive(settings, *names):
-    """Each of ``names`` must be a finite number > 0 (one line naming the flag otherwise)."""
-    for name in names:
-        value = getattr(settings, name)
-        if not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"--{name} must be a positive number, got {value}")
-
-
-def check_at_least(settings, minimum, *names):
-    """Each of ``names`` must be >= ``minimum`` (one line naming the flag otherwise)."""
-    for name in names:
-        if getattr(settings, name) < minimum:
-            raise UsageError(f"--{name} must be >= {minimum}, got {getattr(settings, name)}")

@@ -1,0 +1,169 @@
+"""Faults and bad input a user meets: each refused in one line or recovered, nothing lost, nothing written or
+run outside where it belongs."""
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm.erasure import erase
+from ldm.loading import load_model
+from ldm.paths import REPO_ROOT, models_dir
+from ldm.runs import RESUME_STATE, finish_run_dir, partial_folder, prepare_run_dir
+from ldm.util import UsageError, load_config, load_model_from_config
+
+from conftest import TINY
+from test_registry import call, one_line
+
+FAST_ESD = ["--method", "esd-x", "--prompt", "moon", "--iterations", 1, "--ddim_steps", 2, "--no_diffusers",
+            "--no_samples"]
+TORN = [*FAST_ESD, "--iterations", 3, "--lr", 1e30]  # the loss is no longer finite after the first step
+
+
+def script(path):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").replace("-", "_"), REPO_ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("name", ["../victim", "/tmp/elsewhere", "my run/sub dir", "..", ".hidden/x"])
+def test_a_run_name_is_one_folder_inside_the_models_folder(name):
+    victim = models_dir().parent / "victim"
+    victim.mkdir(exist_ok=True)
+    (victim / "keep.txt").write_text("no run wrote me")
+    line = one_line(*call(erase.main, *FAST_ESD, "--run_name", name, "--overwrite")[::2])
+    assert "one folder name" in line
+    assert (victim / "keep.txt").read_text() == "no run wrote me"
+
+
+def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_is_complete():
+    stray = models_dir() / "not-a-run"
+    stray.mkdir(parents=True, exist_ok=True)
+    (stray / "notes.txt").write_text("mine")
+    assert "not a run folder" in one_line(*call(erase.main, *FAST_ESD, "--run_name", "not-a-run", "--overwrite")[::2])
+    assert (stray / "notes.txt").read_text() == "mine"
+
+    assert call(erase.main, *FAST_ESD, "--run_name", "swap")[0] == 0
+    old = load_model("swap").sha256
+    building = prepare_run_dir("swap", overwrite=True)  # an overwrite in progress (or killed) ...
+    assert building == partial_folder(models_dir() / "swap") and load_model("swap").sha256 == old  # ... leaves the old
+    shutil.rmtree(building)
+    assert call(erase.main, *FAST_ESD, "--lr", 2e-3, "--run_name", "swap", "--overwrite")[0] == 0
+    assert load_model("swap").sha256 != old and not partial_folder(models_dir() / "swap").exists()
+
+
+def test_a_second_erase_of_a_name_being_erased_is_refused():
+    prepare_run_dir("busy")  # what a running (or killed) erase holds
+    assert "was interrupted or is running" in one_line(*call(erase.main, *FAST_ESD, "--run_name", "busy")[::2])
+
+
+def test_a_config_naming_other_code_is_refused_unless_trusted(tmp_path, monkeypatch):
+    config = load_config(TINY / "config.yaml")
+    marker = tmp_path / "ran"
+    config.model.params.cond_stage_config = {"target": "subprocess.run", "params": {"args": ["touch", str(marker)]}}
+    folder = models_dir() / "downloaded"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, folder / "config.yaml")
+    shutil.copyfile(TINY / "model.ckpt", folder / "model.ckpt")
+    line = one_line(*call(script("eval-scripts/generate-images.py"), "--model_name", "downloaded", "--prompts_path",
+                          REPO_ROOT / "data/tiny-sd/quality.csv", "--save_path", tmp_path)[::2])
+    assert "'subprocess.run' is not one of this project's model classes" in line and not marker.exists()
+    for target in ("ldm.util.get_obj_from_str", "ldm.leaderboard.run_child", "os.system"):
+        config.model.params.cond_stage_config = {"target": target}
+        with pytest.raises(UsageError, match="LDM_UNSAFE_CONFIG"):
+            load_model_from_config(config)
+    monkeypatch.setenv("LDM_UNSAFE_CONFIG", "1")  # the opt-in: the config's own callable runs
+    config.model.params.cond_stage_config = {"target": "collections.OrderedDict"}
+    with pytest.raises(Exception) as error:  # instantiated (then rejected as a text encoder by the model)
+        load_model_from_config(config)
+    assert "LDM_UNSAFE_CONFIG" not in str(error.value)
+
+
+def prompts_csv(path, rows=2):
+    pd.DataFrame({"prompt": ["a red moon", "a blue star"][:rows], "evaluation_seed": [1, 2][:rows],
+                  "case_number": list(range(rows))}).to_csv(path, index=False)
+    return path
+
+
+def test_a_torn_image_is_regenerated_and_scoring_refuses_missing_or_torn_images(tmp_path):
+    generate, classify = script("eval-scripts/generate-images.py"), script("eval-scripts/imageclassify.py")
+    csv = prompts_csv(tmp_path / "p.csv")
+    flags = ["--prompts_path", csv, "--save_path", tmp_path / "images", "--num_samples", 2, "--ddim_steps", 2]
+    assert call(generate, *flags)[0] == 0
+    folder = tmp_path / "images" / "tiny-sd"
+    whole = np.asarray(Image.open(folder / "1_0.png"))
+    data = (folder / "1_0.png").read_bytes()
+    (folder / "1_0.png").write_bytes(data[: len(data) // 2])  # a kill mid-write of a non-atomic writer
+    (folder / "0_1.png").unlink()
+    score = ["--folder_path", folder, "--prompts_path", csv, "--save_path", tmp_path / "scores.csv"]
+    line = one_line(*call(classify, *score)[::2])
+    assert "1 images missing and 1 unreadable in 2 prompts" in line and "--allow_incomplete" in line
+    listed = pd.read_csv(tmp_path / "scores_incomplete.csv")
+    assert listed.set_index("case_number").loc[[0, 1], ["missing", "unreadable"]].values.tolist() == [[1, 0], [0, 1]]
+    code, _, err = call(classify, *score, "--allow_incomplete")
+    assert code == 0 and "warning:" in err
+    code, out, _ = call(generate, *flags)
+    assert code == 0 and "2 images written" in out
+    assert np.array_equal(np.asarray(Image.open(folder / "1_0.png")), whole)
+    assert call(classify, *score)[0] == 0
+
+
+@pytest.mark.parametrize("flags, message", [(["--batch_size", 0], "--batch_size must be >= 1"),
+                                            (["--ddim_steps", 0], "--ddim_steps must be >= 1"),
+                                            (["--num_samples", -3], "--num_samples must be >= 1"),
+                                            (["--guidance_scale", -1], "--guidance_scale must be >= 0")])
+def test_generation_values_are_checked_before_anything_is_written(flags, message, tmp_path):
+    generate = script("eval-scripts/generate-images.py")
+    base = ["--prompts_path", prompts_csv(tmp_path / "p.csv", rows=1), "--save_path", tmp_path / "images"]
+    assert message in one_line(*call(generate, *base, *flags)[::2])
+    assert not (tmp_path / "images").exists()  # nothing that would refuse the corrected rerun
+
+
+@pytest.mark.parametrize("flags, message", [(["--concepts", "banana"], "tiny-sd does not know banana"),
+                                            (["--num_samples", 0], "--num_samples must be >= 1"),
+                                            (["--num_samples", -3], "--num_samples must be >= 1"),
+                                            (["--methods", "esd-x,uce"], "unknown uce")])
+def test_benchmark_values_are_checked_before_any_erase(flags, message, tmp_path):
+    assert message in one_line(*call(script("eval-scripts/benchmark.py"), *flags, "--save_path", tmp_path)[::2])
+    assert not any(models_dir().glob("bench-*"))
+
+
+def test_an_interrupted_erase_is_named_with_the_command_that_resumes_it(tmp_path):
+    code, _, err = call(erase.main, *TORN, "--run_name", "torn")
+    assert code == 2 and "loss is" in err
+    line = one_line(*call(script("eval-scripts/generate-images.py"), "--model_name", "torn", "--prompts_path",
+                          prompts_csv(tmp_path / "p.csv", rows=1), "--save_path", tmp_path)[::2])
+    assert "run 'torn' is incomplete" in line and "--run_name torn --resume" in line
+    with pytest.raises(UsageError, match="is incomplete"):
+        load_model("torn")
+
+
+def test_a_resume_state_that_is_not_ours_is_refused_in_one_line():
+    assert call(erase.main, *TORN, "--run_name", "pickled")[0] == 2
+    state = partial_folder(models_dir() / "pickled") / RESUME_STATE
+    torch.save({"payload": np.arange(3)}, state)  # a pickle that weights_only refuses
+    line = one_line(*call(erase.main, *TORN, "--run_name", "pickled", "--resume")[::2])
+    assert "is not a resumable state this project wrote" in line
+
+
+def test_a_killed_then_finished_overwrite_leaves_no_partial_folder():
+    assert call(erase.main, *FAST_ESD, "--run_name", "once")[0] == 0
+    final = finish_run_dir(prepare_run_dir("once", overwrite=True))  # an empty rebuild renamed into place
+    assert final == models_dir() / "once" and not partial_folder(final).exists()
+
+
+def test_scripts_import_the_ldm_beside_them_not_another_clones(tmp_path):
+    clone = tmp_path / "clone"
+    for folder in ("ldm", "train-scripts"):
+        shutil.copytree(REPO_ROOT / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (clone / "ldm" / "__init__.py").write_text("raise SystemExit('the second clone ldm')\n")
+    done = subprocess.run([sys.executable, str(clone / "train-scripts" / "erase.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "the second clone ldm" in done.stderr
