@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from ldm.benchmark import peak_memory
 from ldm.cli import new_parser, parse_device, run
-from ldm.erasure.esd import ESDSettings, ESDTrainer, ddpm_timestep_interval, select_parameters
+from ldm.erasure.esd import ESDSettings, ESDTrainer, ddpm_timestep_interval, select_parameters, steps_to_reach
 from ldm.generate import latent_shape, pixel_size
 from ldm.loading import load_model
 from ldm.models.diffusion.ddim import ddim_sample
@@ -35,7 +35,8 @@ from ldm.util import instantiate_from_config
 
 
 class NaiveESD:
-    """The original training iteration, kept only as the benchmark's baseline."""
+    """The original CompVis script's training iteration, step for step (its x_t count, two full models, the text
+    re-encoded each iteration), kept only as the benchmark's baseline."""
 
     def __init__(self, model, settings):
         self.model, self.settings = model, settings
@@ -61,7 +62,7 @@ class NaiveESD:
         t = torch.randint(lo, hi, (1,), generator=g).to(emb_0.device)
         with torch.no_grad():
             z, _ = ddim_sample(self.model, x_T, emb_p, self.model.get_learned_conditioning([""]), s.start_guidance,
-                               num_steps=s.ddim_steps, till_T=s.ddim_steps - t_enc)
+                               num_steps=s.ddim_steps, till_T=steps_to_reach(t_enc, s.ddim_steps, "authors"))
             e_0 = self.model_orig.apply_model(z, t, emb_0)
             e_p = self.model_orig.apply_model(z, t, emb_p)
         self.optimizer.zero_grad()

@@ -102,11 +102,12 @@ def _values(family, files):
     if family == "esd":
         config = {"start_guidance": 2.5, "negative_guidance": 1.5, "iterations": 2, "lr": 2e-4, "ddim_steps": 6,
                   "image_size": 32, "prompt_templates": files["templates"], "sample_from": "base",
-                  "targets_per_trajectory": 2}
+                  "targets_per_trajectory": 2, "x_t": "t"}
         flags = [{**{k: v * 2 if isinstance(v, (int, float)) else v for k, v in config.items()},
                   "prompt": "moon", "seperator": ",", "seed": 7, "sample_from": "base", "image_size": 64,
                   "prompt_templates": files["templates"]},
-                 {"prompt": "moon", "erase_from": "red", "lr": 3e-4, "prompt_templates": "none"}]
+                 {"prompt": "moon", "erase_from": "red", "lr": 3e-4, "prompt_templates": "none",
+                  "targets_per_trajectory": 1, "x_t": "authors"}]
         return config, flags
     if family in ("cie", "sepce"):
         config = {"num_images": 2, "iterations": 3, "lr": 2e-4, "l1_weight": 3e-5, "tau": -2e-3, "warmup": 4,

@@ -86,10 +86,16 @@ def ddpm_timestep_interval(t_enc, ddim_steps, num_timesteps=1000):
     return spacing * t_enc, hi
 
 
-def steps_to_reach(t_enc, ddim_steps):
-    """How many DDIM steps to run from ``x_T`` so that ``x_t`` sits at DDIM step ``t_enc``'s own timestep,
-    inside ``ddpm_timestep_interval(t_enc)``. ``ddim_steps - t_enc`` (the original's count, off by one
-    more in its code) leaves ``x_t`` one DDIM step less noisy than the timestep the loss is told."""
+def steps_to_reach(t_enc, ddim_steps, x_t="t"):
+    """How many DDIM steps to run from ``x_T`` for the ``x_t`` of DDIM step ``t_enc`` (0 = least noisy).
+
+    ``"t"``: ``x_t`` sits at that step's own timestep, inside ``ddpm_timestep_interval(t_enc)``, the noise
+    level the loss is told. ``"authors"``: the original CompVis script's count: its sampler breaks after the
+    step whose ``index + 1 == t_enc`` (``t_enc`` 0: never), i.e. after ``ddim_steps - max(t_enc - 1, 0)``
+    steps, which leaves ``x_t`` two DDIM steps less noisy than the timestep the loss is told, and ``x_0``
+    for ``t_enc`` 0 and 1."""
+    if x_t == "authors":
+        return ddim_steps - max(t_enc - 1, 0)
     return ddim_steps - 1 - t_enc
 
 
@@ -114,7 +120,8 @@ class ESDSettings(MethodSettings):
     start_guidance: float = setting(3.0, "CFG scale sampling x_t")
     negative_guidance: float = setting(
         1.0, 'eta in the original\'s target eps("") - eta (eps(c) - eps("")); the authors\' later code writes '
-             'eps(c) - eta\' (eps(c) - eps("")), so its eta\' = 2 is eta = 1 here')
+             'eps(c) - eta\' (eps(c) - eps("")), so its default eta\' = 2 is eta = 1 here. With --erase_from the target '
+             'is eps(B) - eta (eps(c) - eps("")) in both, and the default is the later code\'s 2')
     iterations: int = setting(1000, "training iterations")
     lr: float = setting(1e-5, "Adam's learning rate")
     ddim_steps: int = setting(50, "DDIM steps of the sampler that draws x_t")
@@ -128,12 +135,18 @@ class ESDSettings(MethodSettings):
                                       "one (base, the authors' later code)", choices=("esd", "base"))
     targets_per_trajectory: int = setting(1, "with --sample_from base: training targets taken from one sampling "
                                              "trajectory")
+    x_t: str = setting("t", "the noise level of x_t: t (the timestep the loss is told) or authors (the original "
+                            "script's, two DDIM steps cleaner; x_0 at the two least noisy steps)",
+                       choices=("t", "authors"))
     seed: int = setting(0, "seed of every random draw of the run", config=False)
 
     @classmethod
     def adjust_defaults(cls, values, sources):
-        """Trajectory reuse taken from the defaults follows the user's own choices: one target per trajectory
-        when the model being trained samples, at most one per DDIM step."""
+        """Defaults that follow the user's own choices: trajectory reuse is one target per trajectory when the
+        model being trained samples, at most one per DDIM step; with --erase_from the paper's negative
+        guidance is the authors' later code's 2 (the original script has no --erase_from)."""
+        if values["erase_from"] is not None and sources["negative_guidance"] == "paper":
+            values["negative_guidance"] = 2.0
         if sources["targets_per_trajectory"] != "flag":
             reuse = values["targets_per_trajectory"] if values["sample_from"] == "base" else 1
             values["targets_per_trajectory"] = min(reuse, values["ddim_steps"])
@@ -165,6 +178,9 @@ class ESDSettings(MethodSettings):
         if self.targets_per_trajectory > 1 and self.sample_from != "base":
             raise UsageError("--targets_per_trajectory > 1 reuses the frozen model's sampling trajectory; "
                              "it needs --sample_from base")
+        if self.x_t == "authors" and self.targets_per_trajectory > 1:
+            raise UsageError("--x_t authors reproduces the original script, one target per sampling trajectory; "
+                             "use --targets_per_trajectory 1 (or --x_t t)")
         if self.targets_per_trajectory > self.ddim_steps:
             raise UsageError(f"--targets_per_trajectory must be <= --ddim_steps ({self.ddim_steps})")
         if self.templates() is not None:
@@ -233,9 +249,9 @@ class ESDTrainer(OverlayTrainer):
         t = torch.tensor([self.randint(hi, lo)], device=self.device)
         sampler = self.frozen if s.sample_from == "base" else self.student
         with torch.no_grad():
-            # run the steps above t_enc, so that x_t sits at DDIM step t_enc's timestep, inside [lo, hi)
+            # run the steps above t_enc: x_t at DDIM step t_enc's timestep, inside [lo, hi) (or the authors' x_t)
             x_t, _ = ddim_sample(Denoiser(self.model, sampler), x_T, sample_with, self.uncond, s.start_guidance,
-                                 num_steps=s.ddim_steps, till_T=steps_to_reach(t_enc, s.ddim_steps))
+                                 num_steps=s.ddim_steps, till_T=steps_to_reach(t_enc, s.ddim_steps, s.x_t))
             contexts = [self.uncond, concept] + ([self.anchor] if self.anchor is not None else [])
             e = self.frozen(x_t.expand(len(contexts), -1, -1, -1), t.expand(len(contexts)), torch.cat(contexts))
         return self._target(x_t, t, concept, e_uncond=e[0:1], e_concept=e[1:2], e_anchor=e[2:3])
