@@ -129,3 +129,19 @@ def describe(settings, sources):
     """``--show_settings``: one line per setting, its value and where it came from."""
     width = max(len(name) for name in sources)
     return "\n".join(f"{name:<{width}}  {_shown(getattr(settings, name))!s:<28}  ({sources[name]})" for name in sources)
+
+
+def settings_table(cls, fixed=(), model_defaults=None, model_name="tiny-sd"):
+    """A markdown table of a method's settings: flag, the paper's default (SD v1), ``model_name``'s default
+    (its config's per-method block), whether a model config may set it, and the help."""
+    model_defaults = model_defaults or {}
+    rows = ["| flag | paper (SD v1) | " + model_name + " | model config may set | what it does |",
+            "| --- | --- | --- | --- | --- |"]
+    for f in setting_fields(cls):
+        if not f.metadata["flag"] or f.name in fixed:
+            continue
+        paper = "required" if f.metadata["required"] else f"`{_shown(f.default)}`"
+        ours = f"`{_shown(model_defaults[f.name])}`" if f.name in model_defaults else "same"
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `--{f.name}` | {paper} | {ours} | {'yes' if f.metadata['config'] else 'no'} | {help_text} |")
+    return "\n".join(rows)
