@@ -167,3 +167,58 @@ def test_scripts_import_the_ldm_beside_them_not_another_clones(tmp_path):
     done = subprocess.run([sys.executable, str(clone / "train-scripts" / "erase.py"), "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "the second clone ldm" in done.stderr
+
+
+class Payload:
+    """A pickle that runs ``touch marker`` when unpickled without ``weights_only``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+@pytest.mark.parametrize("script_path, argv", [
+    ("train-scripts/erase.py", [*FAST_ESD, "--run_name", "evil"]),
+    ("eval-scripts/generate-images.py", ["--num_samples", 1, "--ddim_steps", 1]),
+    ("train-scripts/convertModels.py", ["--to", "safetensors"]),
+])
+def test_no_script_runs_code_from_a_pickled_checkpoint(script_path, argv, tmp_path):
+    """Loaded as tensors only (unknown pickled classes become inert stand-ins) or refused in one line; the
+    payload never runs."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": torch.load(TINY / "model.ckpt", weights_only=True)["state_dict"], "x": Payload(marker)},
+               evil)
+    main = erase.main if script_path == "train-scripts/erase.py" else script(script_path)
+    extra = {"eval-scripts/generate-images.py": ["--prompts_path", prompts_csv(tmp_path / "p.csv", rows=1),
+                                                 "--save_path", tmp_path / "out"],
+             "train-scripts/convertModels.py": ["--save_path", tmp_path / "evil.safetensors"]}.get(script_path, [])
+    code, _, err = call(main, *argv, *extra, "--config_path", TINY / "config.yaml", "--ckpt_path", evil)
+    assert code == 0 or one_line(code, err)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_generation_killed_mid_run_leaves_only_whole_images_and_resumes(tmp_path):
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": [f"a red moon {i}" for i in range(12)], "evaluation_seed": range(12),
+                  "case_number": range(12)}).to_csv(csv, index=False)
+    flags = ["--prompts_path", csv, "--save_path", tmp_path / "images", "--num_samples", 2, "--ddim_steps", 10,
+             "--batch_size", 2]
+    folder = tmp_path / "images" / "tiny-sd"
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "eval-scripts/generate-images.py"), *map(str, flags)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):
+        if process.poll() is not None or len(list(folder.glob("*.png"))) >= 6:
+            break
+        subprocess.run(["sleep", "0.05"])
+    process.kill()
+    process.wait()
+    made = sorted(folder.glob("*.png"))
+    assert 0 < len(made) < 24, len(made)
+    for path in made:  # every image under its final name is whole (written beside, then renamed)
+        Image.open(path).load()
+    code, out, _ = call(script("eval-scripts/generate-images.py"), *flags)
+    assert code == 0 and len(list(folder.glob("*.png"))) == 24
