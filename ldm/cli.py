@@ -53,7 +53,10 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flags with their defaults; the description (a script's docstring, with its example commands) as written."""
+
+
 def new_parser(description, add_help=True):
     """The scripts' parser: a usage error, like every other error, is one line and exit status 2."""
-    return OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         add_help=add_help)
+    return OneLineParser(description=description, formatter_class=HelpFormatter, add_help=add_help)
