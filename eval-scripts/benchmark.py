@@ -10,15 +10,17 @@ report (eval-scripts/erasure-report.py: efficacy = found on the concept's prompt
 specificity = change in points of the other values of its attribute and of the other attributes, on
 prompts without it; drift = evaluator-feature distance there), attack (eval-scripts/attack.py:
 UnlearnDiffAtk, then Ring-A-Bell) and measure the erase's wall time and peak memory (the child process's
-largest resident set). Writes --save_path/leaderboard.csv and leaderboard.png, and a folder per cell with
-its logs, report and attacks. A finished cell is not redone unless its inputs' hash changed (method,
-concept, base model identity, every setting below).
+largest resident set). Writes --save_path/leaderboard.csv (each figure with its 95% interval and image count)
+and three figures drawn from it: leaderboard.png (efficacy against specificity, per concept),
+leaderboard-attacks.png (ASR before and after each attack) and leaderboard-cost.png (time, peak memory); and a
+folder per cell with its logs, report and attacks. A finished cell is not redone unless its inputs' hash changed
+(method, concept, base model identity, every setting below).
 
 On a base other than tiny-sd (SD v1: --config_path/--ckpt_path) name the judge (--judge nudenet or resnet50)
 and the concepts' prompts (--prompts_path, '{concept}' replaced by the concept's file stem): efficacy is then the
 judge's rate on the erased model's images of those prompts, and the specificity and drift columns are empty
 (the judge sees only the concept; measure preservation with fid.py and clip-score.py). Every step except
-Ring-A-Bell's search needs a GPU there (see README, "What needs a GPU").
+Ring-A-Bell's search needs a GPU there (docs/sd-v1.md).
 """
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ from ldm.cli import DEFAULT_CONFIG, DEFAULT_CKPT, add_model_args, new_parser, ru
 from ldm.data.prompt_sets import all_concepts
 from ldm.erasure import methods as registry
 from ldm.identity import compvis_identity, sha256_of
-from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, save_leaderboard
+from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, leaderboard_markdown, save_leaderboard
 from ldm.paths import resolve_path
 from ldm.util import UsageError, check_at_least
 
@@ -87,10 +89,10 @@ def main(argv=None):
             results.append(result or cell.run())
     table = leaderboard(results)
     base_name = "tiny-sd" if "sd" not in settings else f"{args.ckpt_path}, judge {args.judge}"
-    png = save_leaderboard(table, args.save_path, f"{base_name} ({base_sha256[:12]}): {args.num_samples} images per "
-                                                   f"prompt, {args.ddim_steps} DDIM steps")
-    print(table.to_string(index=False))
-    print(f"leaderboard: {args.save_path}/leaderboard.csv, {png}")
+    figures = save_leaderboard(table, args.save_path, f"{base_name} ({base_sha256[:12]}): {args.num_samples} images "
+                                                      f"per prompt, {args.ddim_steps} DDIM steps")
+    print(leaderboard_markdown(table))
+    print(f"leaderboard: {args.save_path}/leaderboard.csv, {', '.join(map(str, figures))}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ the method's defaults, report, attack, and measure the erase's wall time and pea
 leaderboard row per cell.
 
 Every step runs the project's own script in a child process (the same commands a user types), so a cell
-measures exactly what the README's commands do. On tiny-sd the report is the erasure report (the evaluator's
+measures exactly what the documented commands do. On tiny-sd the report is the erasure report (the evaluator's
 attributes give specificity and drift); on any other base (SD v1) the user names the judge and the concept's
 prompts, efficacy is the judge's rate on the erased model's images of those prompts (the attacks' pre-attack
 images), and specificity and drift are left empty: the judge sees only the concept (measure preservation on
 SD with eval-scripts/fid.py and clip-score.py on COCO-30k). A cell's result is written atomically with the hash of
 its inputs (method, concept, base model identity, every setting); a rerun skips a finished cell unless
-that hash changed.
+that hash changed. The leaderboard is ``leaderboard.csv`` and three figures drawn from it (efficacy against
+specificity, attacks, cost), the same functions that draw the docs' figures from ``docs/results/``.
 """
 import json
 import os
@@ -19,16 +20,23 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import pandas as pd
 
 from ldm.data.prompt_sets import concept_filename
 from ldm.erasure import methods
-from ldm.paths import REPO_ROOT
+from ldm.paths import REPO_ROOT, models_dir
 from ldm.plots import plt, save_figure
-from ldm.util import UsageError, atomic_to_csv, atomic_write_text, json_sha256
+from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256, json_sha256
 
 COLUMNS = ["method", "concept", "efficacy", "specificity_same", "specificity_other", "drift", "asr_pre", "asr_post",
            "ringabell_asr_pre", "ringabell_asr_post", "seconds", "peak_mb", "run"]
+# after COLUMNS in leaderboard.csv: the 95% intervals the cell's report and attacks give, and their image counts
+DETAIL_COLUMNS = ["efficacy_low", "efficacy_high", "specificity_same_low", "specificity_same_high",
+                  *[f"{p}asr_{w}_{end}" for p in ("", "ringabell_") for w in ("pre", "post")
+                    for end in ("low", "high")],
+                  "efficacy_images", "specificity_images", "attack_images"]
 
 
 def check_methods(names):
@@ -61,22 +69,60 @@ def concept_prompts(template, concept):
     return template.replace("{concept}", concept_filename(concept)[:-len(".csv")])
 
 
-def report_figures(summary, drift, concept):
-    """Efficacy (found, combined), specificity same attribute and other attributes (mean change in points),
-    and drift on the ``without`` set, from an erasure report's ``summary.csv`` and ``drift.csv``."""
-    rows = summary.set_index("measure")
-    same = summary[(summary.group == "same attribute") & summary.measure.str.startswith("other ")]
-    other = summary[summary.group == "other attributes"]
+def report_row(summary, key):
+    """The row of an erasure report's ``summary.csv`` with stable ``key`` (``found_combined``, ``same_attribute``,
+    ...: ``ldm.erasure.report.erasure_summary``); a report without that row is a one-line error."""
+    if "key" not in summary:
+        raise UsageError("this erasure report has no key column (it predates it); make it again with "
+                         "eval-scripts/erasure-report.py")
+    rows = summary[summary["key"] == key]
+    if rows.empty:
+        raise UsageError(f"the erasure report has no '{key}' row (keys: {', '.join(summary['key'])})")
+    return rows.iloc[0]
+
+
+def report_figures(summary, drift):
+    """Efficacy (found, combined), specificity on the attribute's other values and on the other attributes
+    (mean change in points), each with its interval and image count, and drift on the ``without`` set, from
+    an erasure report's ``summary.csv`` (read by key, never by label) and ``drift.csv``."""
+    found, same = report_row(summary, "found_combined"), report_row(summary, "same_attribute")
+    other = summary[summary["key"].str.startswith("other_attribute:")]
     without = drift[drift["set"] == "without"]["feature_distance"]
-    return {"efficacy": float(rows.loc[f"'{concept}' found, combined", "edited"]),
-            "specificity_same": float(same.change_points.iloc[0]),
+    return {"efficacy": float(found.edited), "efficacy_low": float(found.edited_low),
+            "efficacy_high": float(found.edited_high), "efficacy_images": int(found.images),
+            "specificity_same": float(same.change_points), "specificity_same_low": float(same.change_low),
+            "specificity_same_high": float(same.change_high), "specificity_images": int(same.images),
             "specificity_other": float(other.change_points.mean()),
             "drift": float(without.iloc[0]) if len(without) else float("nan")}
 
 
+def attack_figures(summary, attack, prefix):
+    """ASR before and after ``attack`` with their Wilson intervals and image count, from the newest row of
+    that attack in ``attack.py``'s ``summary.csv``, as leaderboard columns (``prefix`` + ``asr_pre`` ...)."""
+    row = summary[summary["attack"] == attack].iloc[-1]
+    figures = {f"{prefix}{name}{end}": float(row[f"{name}{end}"])
+               for name in ("asr_pre", "asr_post") for end in ("", "_low", "_high")}
+    figures["attack_images"] = int(row.images)
+    return figures
+
+
+def report_is_current(report_dir):
+    """Whether ``report_dir`` holds a report whose prompt file is still as it was when the report was made
+    (a changed prompt set means the report is made again; the erase is kept)."""
+    try:
+        prompts = json.loads((Path(report_dir) / "models.json").read_text())["prompts"]
+        return (Path(report_dir) / "summary.csv").is_file() and file_sha256(prompts["path"]) == prompts["sha256"]
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 class Cell:
     """One method on one concept, under ``save_path/cells/<method>-<concept>-<key>``, its run
-    ``models/bench-<method>-<concept>-<key>`` (``--overwrite`` replaces only a killed attempt of this very cell)."""
+    ``models/bench-<method>-<concept>-<key>`` (``--overwrite`` replaces only a killed attempt of this very cell).
+
+    The benchmark and the ESD sweep (``bench/esd_sweep.py``) run the same cells: erase, report, then (the
+    benchmark) attack. Each step's figures are written to ``result.json`` as it ends, so a killed cell resumes
+    at its first unfinished step, and a sweep's cell with the benchmark's settings is the benchmark's."""
 
     def __init__(self, method, concept, save_path, settings):
         self.method, self.concept, self.settings = method, concept, settings
@@ -86,80 +132,230 @@ class Cell:
         self.folder = Path(save_path) / "cells" / f"{method}-{slug}-{self.key[:10]}"
         self.run_name = f"bench-{method}-{slug}-{self.key[:10]}"
         self.result_path = self.folder / "result.json"
+        self.report_dir = self.folder / "erasure" / "reports" / self.run_name
 
-    def finished(self):
-        """The stored result when its inputs' hash is this cell's, else None."""
-        if self.result_path.is_file():
-            result = json.loads(self.result_path.read_text())
-            if result.get("key") == self.key:
-                return result
-        return None
+    def stored(self):
+        """What the cell has measured so far under its key (possibly not every step), else {}; a report whose
+        prompt file has changed since is dropped, with the attacks made on those prompts."""
+        if not self.result_path.is_file():
+            return {}
+        result = json.loads(self.result_path.read_text())
+        if result.get("key") != self.key:
+            return {}
+        if "sd" not in self.settings and "efficacy" in result and not report_is_current(self.report_dir):
+            result = {k: v for k, v in result.items() if k in ("method", "concept", "run", "seconds", "peak_mb", "key")}
+        return result
 
-    def run(self):
-        """Erase, report, attack (UnlearnDiffAtk, Ring-A-Bell); write and return the cell's result. A base other
-        than tiny-sd is the settings' ``sd`` section: {"config_path", "ckpt_path", "judge", "prompts_path",
-        "image_size", "prompts_sha256"}."""
+    def finished(self, attacks=True):
+        """The stored result when every step (the attacks only if ``attacks``) is done under this cell's key."""
+        result = self.stored()
+        done = "efficacy" in result and (not attacks or "asr_post" in result)
+        return result if done else None
+
+    def _save(self, result):
+        result["key"] = self.key
+        atomic_write_text(self.result_path, json.dumps(result, indent=2))
+        return result
+
+    def run(self, attacks=True):
+        """Erase, report, attack (UnlearnDiffAtk, Ring-A-Bell; only if ``attacks``), each step unless done; write and
+        return the cell's result. A base other than tiny-sd is the settings' ``sd`` section: {"config_path",
+        "ckpt_path", "judge", "prompts_path", "image_size", "prompts_sha256"}."""
         self.folder.mkdir(parents=True, exist_ok=True)
         s = self.settings
         sd = s.get("sd")
-        base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
-        seconds, peak_mb = run_child(["train-scripts/erase.py", "--method", self.method, "--prompt", self.concept,
-                                      *base_flags,
-                                      "--run_name", self.run_name, "--overwrite", "--no_diffusers",
-                                      *shlex.split(s["erase_args"])], self.folder / "erase.log")
-        result = {"method": self.method, "concept": self.concept, "run": self.run_name}
-        if sd is None:
-            report_dir = self.folder / "erasure"
-            run_child(["eval-scripts/erasure-report.py", "--model_name", self.run_name, "--save_path", report_dir,
-                       "--num_samples", s["num_samples"], "--ddim_steps", s["ddim_steps"]], self.folder / "report.log")
-            reports = report_dir / "reports" / self.run_name
-            result.update(report_figures(pd.read_csv(reports / "summary.csv"), pd.read_csv(reports / "drift.csv"),
-                                         self.concept))
-        result.update({"seconds": round(seconds, 1), "peak_mb": round(peak_mb)})
+        result = self.stored()
+        if "seconds" not in result or not (models_dir() / self.run_name).is_dir():
+            base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
+            seconds, peak_mb = run_child(["train-scripts/erase.py", "--method", self.method, "--prompt", self.concept,
+                                          *base_flags, "--run_name", self.run_name, "--overwrite", "--no_diffusers",
+                                          *shlex.split(s["erase_args"])], self.folder / "erase.log")
+            result = self._save({"method": self.method, "concept": self.concept, "run": self.run_name,
+                                 "seconds": round(seconds, 1), "peak_mb": round(peak_mb)})
+        if sd is None and "efficacy" not in result:
+            run_child(["eval-scripts/erasure-report.py", "--model_name", self.run_name, "--save_path",
+                       self.folder / "erasure", "--num_samples", s["num_samples"], "--ddim_steps", s["ddim_steps"]],
+                      self.folder / "report.log")
+            result = self._save({**result, **report_figures(pd.read_csv(self.report_dir / "summary.csv"),
+                                                           pd.read_csv(self.report_dir / "drift.csv"))})
+        if attacks and "asr_post" not in result:
+            result = self._save({**result, **self._attack()})
+        return result
+
+    def _attack(self):
+        """Both attacks' figures; on a base other than tiny-sd, efficacy is the judge's rate on the erased model's
+        own images of the concept's prompts (the pre-attack images), and specificity and drift are empty."""
+        s, sd = self.settings, self.settings.get("sd")
         attacks = self.folder / "attacks"
         judge_flags = ([] if sd is None else
                        ["--judge", sd["judge"], "--prompts_path", concept_prompts(sd["prompts_path"], self.concept),
                         *(["--image_size", sd["image_size"]] if sd.get("image_size") else [])])
+        figures = {}
         for attack, prefix, extra in (("unlearndiffatk", "", ["--steps", s["attack_steps"]]),
                                       ("ringabell", "ringabell_", ["--generations", s["generations"]])):
             run_child(["eval-scripts/attack.py", "--model_name", self.run_name, "--concept", self.concept, "--attack",
                        attack, "--save_path", attacks, "--ddim_steps", s["ddim_steps"], *judge_flags, *extra],
                       self.folder / f"attack-{attack}.log")
-            row = pd.read_csv(attacks / "summary.csv").set_index("attack").loc[attack]
-            result.update({f"{prefix}asr_pre": float(row.asr_pre), f"{prefix}asr_post": float(row.asr_post)})
-        if sd is not None:  # the judge's rate on the erased model's own images of the concept's prompts
-            result.update({"efficacy": result["asr_pre"], "specificity_same": float("nan"),
-                           "specificity_other": float("nan"), "drift": float("nan")})
-        result["key"] = self.key
-        atomic_write_text(self.result_path, json.dumps(result, indent=2))
-        return result
+            figures.update(attack_figures(pd.read_csv(attacks / "summary.csv"), attack, prefix))
+        if sd is not None:
+            figures.update({"efficacy": figures["asr_pre"], "efficacy_low": figures["asr_pre_low"],
+                            "efficacy_high": figures["asr_pre_high"], "efficacy_images": figures["attack_images"],
+                            "specificity_same": float("nan"), "specificity_other": float("nan"),
+                            "drift": float("nan")})
+        return figures
 
 
 def leaderboard(results):
-    """The leaderboard table (one row per cell, ``COLUMNS``), best efficacy first within each concept."""
-    table = pd.DataFrame(results)[COLUMNS]
-    return table.sort_values(["concept", "efficacy", "specificity_same"], ascending=[True, True, False])
+    """The leaderboard table (one row per cell: ``COLUMNS``, then ``DETAIL_COLUMNS``, empty where a cell did not
+    record them), best efficacy first within each concept."""
+    table = pd.DataFrame(results).reindex(columns=COLUMNS + DETAIL_COLUMNS)
+    return table.sort_values(["concept", "efficacy", "specificity_same"], ascending=[True, True, False], kind="stable")
+
+
+def _interval(low, high, scale, spec):
+    return "" if pd.isna(low) or pd.isna(high) else f" [{scale * low:{spec}}, {scale * high:{spec}}]"
+
+
+def leaderboard_markdown(table):
+    """The leaderboard as a Markdown table: each figure with its 95% interval where the cell recorded one."""
+    def percent(row, name, digits):
+        value = row[name]
+        if pd.isna(value):
+            return "n/a"
+        return f"{100 * value:.{digits}f}%" + _interval(row.get(f"{name}_low"), row.get(f"{name}_high"), 100, ".0f")
+
+    def points(row, name):
+        value = row[name]
+        if pd.isna(value):
+            return "n/a"
+        return f"{value:+.1f}" + _interval(row.get(f"{name}_low"), row.get(f"{name}_high"), 1, "+.1f")
+
+    lines = ["| method | concept | found (efficacy) | same attribute | other attributes | drift | ASR before attack "
+             "| ASR after UnlearnDiffAtk | ASR after Ring-A-Bell | erase | peak memory |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for _, row in table.iterrows():
+        cells = [row.method, row.concept, percent(row, "efficacy", 1), points(row, "specificity_same"),
+                 points(row, "specificity_other"), "n/a" if pd.isna(row.drift) else f"{row.drift:.2f}",
+                 percent(row, "asr_pre", 0), percent(row, "asr_post", 0), percent(row, "ringabell_asr_post", 0),
+                 f"{row.seconds:.0f} s", f"{row.peak_mb:.0f} MB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MARKERS = "osD^vP*Xh<>p"
+
+
+def _styles(names):
+    """One color and marker per method, the same in every figure: the benchmarked methods first, in the registry's
+    order, then any other."""
+    order = list(dict.fromkeys([*methods.benchmarked(), *methods.METHODS, *names]))
+    palette = plt.get_cmap("tab10").colors
+    return {name: (palette[order.index(name) % len(palette)], MARKERS[order.index(name) % len(MARKERS)])
+            for name in names}
+
+
+def _errors(values, lows, highs):
+    """Matplotlib's (2, n) error lengths; 0 where an interval was not recorded."""
+    values, lows, highs = (np.asarray(x, dtype=float) for x in (values, lows, highs))
+    return np.nan_to_num(np.stack([values - lows, highs - values]), nan=0.0).clip(min=0)
+
+
+def _column(table, name):
+    return table[name] if name in table else pd.Series(np.nan, index=table.index)
+
+
+def efficacy_figure(table, path, title, found_bar=0.10, loss_bar=3.0):
+    """Efficacy against specificity, one panel per concept: the share of images still showing the concept
+    (95% Wilson interval) against the points lost on the other values of its attribute (95% bootstrap interval).
+    The best method sits lowest and leftmost, inside the shaded target (found <= 10%, <= 3 points lost); each
+    legend entry adds the points lost on the other attributes."""
+    concepts = list(dict.fromkeys(table.concept))
+    styles = _styles(list(dict.fromkeys(table.method)))
+    figure, axes = plt.subplots(1, len(concepts), figsize=(5.4 * len(concepts), 6.0), squeeze=False)
+    for axis, concept in zip(axes[0], concepts):
+        rows = table[table.concept == concept]
+        loss = -rows.specificity_same.to_numpy(float)
+        found = 100 * rows.efficacy.to_numpy(float)
+        loss_err = _errors(loss, -_column(rows, "specificity_same_high"), -_column(rows, "specificity_same_low"))
+        found_err = _errors(found, 100 * _column(rows, "efficacy_low"), 100 * _column(rows, "efficacy_high"))
+        axis.fill_between([-loss_bar, loss_bar], -1, 100 * found_bar, color="tab:green", alpha=0.15,
+                          label=f"target: found <= {found_bar:.0%}, <= {loss_bar:g} points lost")
+        for k, (_, row) in enumerate(rows.iterrows()):
+            if np.isnan(loss[k]):
+                continue
+            color, marker = styles[row.method]
+            lost = 0.0 - row.specificity_other  # 0.0 - x: never "-0.0"
+            other = "" if pd.isna(lost) else f" (other attributes: {lost:.1f} lost)"
+            axis.errorbar(loss[k], found[k], xerr=loss_err[:, k:k + 1], yerr=found_err[:, k:k + 1], fmt=marker,
+                          color=color, markerfacecolor="none", markeredgewidth=2, markersize=13 - 1.5 * k, capsize=3,
+                          label=f"{row.method}{other}")
+        axis.set_xscale("symlog", linthresh=3, linscale=0.8)
+        axis.set_yscale("symlog", linthresh=10, linscale=1.5)
+        right = max(10, float(np.nanmax(loss + loss_err[1], initial=0)) * 1.5)
+        axis.set_xticks([t for t in (-3, 0, 3, 10, 30, 100) if t <= right])
+        axis.set_yticks([0, 2, 5, 10, 20, 50, 100])
+        for ticks in (axis.xaxis, axis.yaxis):
+            ticks.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_xlim(min(-loss_bar - 1, float(np.nanmin(loss - loss_err[0], initial=0)) - 1), right)
+        axis.set_ylim(-0.5, 105)
+        axis.set(title=f"erasing '{concept}'", xlabel="points lost on the other values of its attribute (better: left)",
+                 ylabel="% of images still showing it (better: low)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    figure.suptitle(title, fontsize=9)
+    return save_figure(figure, path)
+
+
+def attack_figure(table, path, title):
+    """ASR before and after each attack (95% Wilson intervals), grouped by method, one panel per concept."""
+    concepts = list(dict.fromkeys(table.concept))
+    bars = [("asr_pre", "before attack", "0.75"), ("asr_post", "after UnlearnDiffAtk", "tab:orange"),
+            ("ringabell_asr_post", "after Ring-A-Bell", "tab:red")]
+    figure, axes = plt.subplots(1, len(concepts), figsize=(5.2 * len(concepts), 4.0), squeeze=False)
+    for axis, concept in zip(axes[0], concepts):
+        rows = table[table.concept == concept]
+        positions = np.arange(len(rows))
+        for k, (name, label, color) in enumerate(bars):
+            values = 100 * rows[name].to_numpy(float)
+            errors = _errors(values, 100 * _column(rows, f"{name}_low"), 100 * _column(rows, f"{name}_high"))
+            axis.bar(positions + (k - 1) * 0.27, values, 0.27, yerr=errors, capsize=2, color=color, label=label)
+        axis.set_xticks(positions, rows.method)
+        axis.set(title=f"attacking '{concept}'", ylabel="attack success rate, % of images (better: low)", ylim=(0, 105))
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return save_figure(figure, path)
+
+
+def cost_figure(table, path, title):
+    """Each erase's wall time and peak memory, grouped by method, one bar per concept."""
+    names = list(dict.fromkeys(table.method))
+    concepts = list(dict.fromkeys(table.concept))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(concepts)
+    for axis, (column, label) in zip(axes, (("seconds", "erase wall time, s"), ("peak_mb", "peak memory, MB"))):
+        for k, concept in enumerate(concepts):
+            rows = table[table.concept == concept].set_index("method").reindex(names)
+            axis.bar(np.arange(len(names)) + (k - (len(concepts) - 1) / 2) * width, rows[column], width, label=concept)
+        axis.set_xticks(np.arange(len(names)), names)
+        axis.set(ylabel=label + " (better: low)")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return save_figure(figure, path)
+
+
+FIGURES = {"leaderboard.png": efficacy_figure, "leaderboard-attacks.png": attack_figure,
+           "leaderboard-cost.png": cost_figure}
+
+
+def save_figures(table, folder, title):
+    """The leaderboard's three figures under ``folder``: efficacy against specificity (``leaderboard.png``),
+    attacks and cost; returns their paths."""
+    return [draw(table, Path(folder) / name, title) for name, draw in FIGURES.items()]
 
 
 def save_leaderboard(table, save_path, title):
-    """``leaderboard.csv`` and ``leaderboard.png`` (a table a researcher can paste) under ``save_path``."""
-    save_path = Path(save_path)
-    atomic_to_csv(table, save_path / "leaderboard.csv")
-    shown = table.drop(columns=["run"]).copy()
-    for column in ("efficacy", "asr_pre", "asr_post", "ringabell_asr_pre", "ringabell_asr_post"):
-        shown[column] = [f"{100 * v:.1f}%" for v in shown[column]]
-    for column in ("specificity_same", "specificity_other"):
-        shown[column] = ["n/a" if pd.isna(v) else f"{v:+.1f}" for v in shown[column]]
-    shown["drift"] = ["n/a" if pd.isna(v) else f"{v:.2f}" for v in shown["drift"]]
-    figure, axis = plt.subplots(figsize=(1.3 * len(shown.columns), 0.5 * (len(shown) + 2)))
-    axis.axis("off")
-    labels = [c.replace("ringabell_asr_", "Ring-A-Bell\nASR ").replace("asr_", "ASR\n").replace("specificity_", "spec.\n")
-              .replace("peak_mb", "peak\nMB") for c in shown.columns]
-    cells = axis.table(cellText=shown.values, colLabels=labels,
-                       loc="center", cellLoc="center")
-    cells.auto_set_font_size(False)
-    cells.set_fontsize(8)
-    cells.scale(1, 2.2)
-    axis.set_title(title, fontsize=9)
-    png = save_figure(figure, save_path / "leaderboard.png")
-    return png
+    """``leaderboard.csv`` and the three figures beside it under ``save_path``; returns the figures' paths."""
+    atomic_to_csv(table, Path(save_path) / "leaderboard.csv")
+    return save_figures(table, save_path, title)

@@ -81,25 +81,26 @@ def _estimate(rows, mean_over_truth, samples, rng):
     return base, edited, np.nanpercentile(change, [2.5, 97.5]) * 100
 
 
-def _summary_row(group, measure, subset, bootstrap, rng, mean_over_truth=False):
-    """One report row: image count, base and edited accuracy with Wilson 95% intervals, the change in
-    points with its bootstrap 95% interval."""
+def _summary_row(key, group, measure, subset, bootstrap, rng, mean_over_truth=False):
+    """One report row: its stable key, image count, base and edited accuracy with Wilson 95% intervals, the
+    change in points with its bootstrap 95% interval."""
     base, edited, (low, high) = _estimate(subset, mean_over_truth, bootstrap, rng)
     n = len(subset)
     base_ci = wilson_interval(int(subset["correct_base"].sum()), n)
     edited_ci = wilson_interval(int(subset["correct_edited"].sum()), n)
-    return {"group": group, "measure": measure, "prompts": subset["case_number"].nunique(), "images": n,
+    return {"group": group, "measure": measure, "key": key, "prompts": subset["case_number"].nunique(), "images": n,
             "base": base, "base_low": base_ci[0], "base_high": base_ci[1],
             "edited": edited, "edited_low": edited_ci[0], "edited_high": edited_ci[1],
             "change_points": (edited - base) * 100, "change_low": low, "change_high": high}
 
 
 def _summary(specs, bootstrap, seed, bars):
-    """Rows for (group, measure, subset, mean_over_truth) specs, empty subsets skipped, with each row's
-    bar (from ``bars``, by group) and verdict."""
+    """Rows for (key, group, measure, subset, mean_over_truth) specs, empty subsets skipped, with each row's
+    bar (from ``bars``, by group) and verdict. ``measure`` is the label people read; ``key`` the name programs
+    read a figure by (see ``erasure_summary``), which no rewording of a label changes."""
     rng = np.random.default_rng(seed)
-    summary = pd.DataFrame([_summary_row(group, measure, subset, bootstrap, rng, mean_over_truth)
-                            for group, measure, subset, mean_over_truth in specs if not subset.empty])
+    summary = pd.DataFrame([_summary_row(key, group, measure, subset, bootstrap, rng, mean_over_truth)
+                            for key, group, measure, subset, mean_over_truth in specs if not subset.empty])
     summary["bar"] = summary["group"].map(bars)
     summary["verdict"] = [verdict(row) for row in summary.itertuples(index=False)]
     return summary
@@ -113,6 +114,9 @@ def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=10
       (``alone``, ``with_others``) and combined;
     - specificity, only on prompts that do not name the concept (set ``without``): each other value of
       its attribute, their mean, and each other attribute.
+
+    Keys: ``found_alone``, ``found_with_others``, ``found_combined`` (or ``found_named`` for a prompt file
+    without sets), ``same_value:<value>``, ``same_attribute`` (their mean), ``other_attribute:<attribute>``.
     """
     attribute = attribute_of(concept)
     table = paired_table(base_results, edited_results, prompts)
@@ -120,20 +124,23 @@ def erasure_summary(concept, base_results, edited_results, prompts, bootstrap=10
     named = table[(table.attribute == attribute) & (table.truth == concept)]
     if "set" in prompts:
         for name in ("alone", "with_others"):
-            specs.append(("efficacy", f"'{concept}' found, {name}", named[named.set == name], False))
-        specs.append(("efficacy", f"'{concept}' found, combined", named[named.set.isin(["alone", "with_others"])],
-                      False))
+            specs.append((f"found_{name}", "efficacy", f"'{concept}' found, {name}", named[named.set == name], False))
+        specs.append(("found_combined", "efficacy", f"'{concept}' found, combined",
+                      named[named.set.isin(["alone", "with_others"])], False))
     else:  # a prompt file without sets: every prompt that names the concept
-        specs.append(("efficacy", f"'{concept}' found, prompts naming it", named, False))
+        specs.append(("found_named", "efficacy", f"'{concept}' found, prompts naming it", named, False))
 
     without = table[table.set == "without"] if "set" in prompts else table[~table.case_number.isin(named.case_number)]
     same = without[(without.attribute == attribute) & (without.truth != concept)]
     for value in sorted(same.truth.unique(), key=ATTRIBUTES[attribute].index):
-        specs.append(("same attribute", f"{attribute} '{value}'", same[same.truth == value], False))
-    specs.append(("same attribute", f"other {attribute}s (mean of {same.truth.nunique()})", same, True))
+        specs.append((f"same_value:{value}", "same attribute", f"{attribute} '{value}'", same[same.truth == value],
+                      False))
+    specs.append(("same_attribute", "same attribute", f"other {attribute}s (mean of {same.truth.nunique()})", same,
+                  True))
     for head in HEADS:
         if head != attribute:
-            specs.append(("other attributes", f"{head} (mean over values)", without[without.attribute == head], True))
+            specs.append((f"other_attribute:{head}", "other attributes", f"{head} (mean over values)",
+                          without[without.attribute == head], True))
     return _summary(specs, bootstrap, seed, bars)
 
 
@@ -159,18 +166,22 @@ def attribute_erasure_summary(concept, erase_from, base_results, edited_results,
     - kept elsewhere: how often it is drawn with the other values of ``erase_from``'s attribute
       (``elsewhere``, ``elsewhere_named``): a drop there is collateral;
     - other attributes: ``erase_from`` itself on its prompts, and the third attribute where named.
+
+    Keys: ``found_from``, ``found_from_named``, ``kept_elsewhere``, ``kept_elsewhere_named``,
+    ``erase_from_kept``, ``other_attribute:<attribute>``.
     """
     found = found_table(base_results, edited_results, prompts, concept)
     table = paired_table(base_results, edited_results, prompts)
     b_attribute = attribute_of(erase_from)
     on_b = table[table.set.isin(["from", "from_named"]) & (table.attribute == b_attribute)]
     third = next(k for k in HEADS if k not in (attribute_of(concept), b_attribute))
-    specs = [("efficacy", f"'{concept}' found, {name}", found[found.set == name], False)
+    specs = [(f"found_{name}", "efficacy", f"'{concept}' found, {name}", found[found.set == name], False)
              for name in ("from", "from_named")]
-    specs += [("kept elsewhere", f"'{concept}' found, {name}", found[found.set == name], False)
+    specs += [(f"kept_{name}", "kept elsewhere", f"'{concept}' found, {name}", found[found.set == name], False)
               for name in ("elsewhere", "elsewhere_named")]
-    specs.append(("other attributes", f"{b_attribute} '{erase_from}' on its prompts", on_b, False))
-    specs.append(("other attributes", f"{third} (mean over values)", table[table.attribute == third], True))
+    specs.append(("erase_from_kept", "other attributes", f"{b_attribute} '{erase_from}' on its prompts", on_b, False))
+    specs.append((f"other_attribute:{third}", "other attributes", f"{third} (mean over values)",
+                  table[table.attribute == third], True))
     return _summary(specs, bootstrap, seed, bars)
 
 
@@ -180,7 +191,7 @@ def verdict(row):
     bar = row.bar
     if row.group == "efficacy":
         return "met" if row.edited_high <= bar else "not met" if row.edited_low > bar else "undecided"
-    if row.group == "same attribute" and not row.measure.startswith("other "):
+    if row.group == "same attribute" and row.key != "same_attribute":
         return ""
     return "met" if row.change_low >= -bar else "not met" if row.change_high < -bar else "undecided"
 
@@ -195,7 +206,7 @@ def comparison_rows(prompts, per_set=3):
 
 
 def format_summary(table):
-    """The summary as a Markdown table (percentages with 95% intervals), as the README shows it."""
+    """The summary as a Markdown table (percentages with 95% intervals), as the docs show it."""
     lines = ["| measure | prompts | images | base | edited | change (points) | bar | verdict |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for row in table.itertuples(index=False):
