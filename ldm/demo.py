@@ -127,15 +127,15 @@ def list_runs(root=None):
         if config is None:
             continue
         run = config.run
-        row = {"run": folder.name, "method": methods.method_of_run(config).name, "concepts": ", ".join(run_concepts(folder, run)),
-               "iterations": run.get("iterations"), "lr": run.get("lr")}
+        row = {"run": folder.name, "method": methods.method_of_run(config).name,
+               "concepts": ", ".join(run_concepts(folder, run)), "iterations": run.get("iterations"), "lr": run.get("lr")}
         training = folder / "training.json"
         if training.is_file():
             row["seconds"] = json.loads(training.read_text()).get("training_seconds_this_process")
         if folder.name in reports:
             report = pd.read_csv(reports[folder.name])
-            found = report[report.measure.str.endswith("found, combined")]
-            same = report[(report.group == "same attribute") & report.measure.str.startswith("other ")]
+            keys = report["key"] if "key" in report else pd.Series("", index=report.index)  # older reports: none
+            found, same = report[keys == "found_combined"], report[keys == "same_attribute"]
             if len(found):
                 row["found"] = f"{100 * found.edited.iloc[0]:.1f}% [{100 * found.edited_low.iloc[0]:.0f}, " \
                                f"{100 * found.edited_high.iloc[0]:.0f}]"

@@ -136,7 +136,7 @@ def inception_fid_metric(weights_path=INCEPTION_WEIGHTS):
         import torch_fidelity  # noqa: F401
     except ImportError:
         raise UsageError("FID with Inception needs torch-fidelity and torchvision: pip install torch-fidelity and the "
-                         "torchvision build matching torch (see README)") from None
+                         "torchvision build matching torch (see docs/evaluation.md)") from None
     from torchmetrics.image.fid import FrechetInceptionDistance
     return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path))
 

@@ -5,15 +5,16 @@ method registry; the leaderboard's figures are drawn from ``docs/results/leaderb
 the benchmark draws its own with. ``bench/results.py`` checks and rewrites all three.
 
 A manifest says how its figures were made: ``command`` (the commands, as a user types them), ``model`` and
-``measured_identity`` (the model identity the figures were measured under, as their reports recorded it),
-``weights_identity`` (the identity of those same weights as computed today), ``date`` (when the figures were
+``measured_identity`` (the model identity the figures were measured under, as their reports recorded it; null
+where none was recorded), ``date`` (when the figures were
 recorded), ``images`` (how many images each figure counts), and ``format``: ``template`` (``columns``: one
 ``[header, cell template, alignment]`` per column, ``{field}`` a CSV column, ``{? ... ?}`` shown only when its
 fields are not empty, ``{? ... |text?}`` else ``text``), ``esd-sweep`` (rows as ``bench/esd_sweep.py --out`` writes
 them), ``report`` (an erasure report's ``summary.csv``), ``leaderboard`` (as the benchmark writes
 ``leaderboard.csv``) or ``methods`` (the README's table of methods, with headline figures from the leaderboard).
-A table on tiny-sd is stale when its figures were not measured under the shipped model's identity; the rendered caption says so, and only a rerun of its command (``bench/results.py --rerun``) changes
-that.
+A table on tiny-sd is stale when its figures were not measured under the shipped model's identity (today's, or the
+whole-file identity the project used before, of the same files); the rendered caption says so, and only a rerun of
+its command (``bench/results.py --rerun``) changes that.
 """
 import json
 import os
@@ -26,7 +27,7 @@ import pandas as pd
 from ldm.erasure import methods
 from ldm.erasure.report import format_summary
 from ldm.erasure.settings import model_config_defaults, settings_table
-from ldm.identity import compvis_identity
+from ldm.identity import compvis_identity, make_identity
 from ldm.leaderboard import FIGURES, leaderboard_markdown, save_figures
 from ldm.paths import REPO_ROOT, TINY_SD_DIR
 from ldm.util import UsageError, atomic_write_text, file_sha256, json_sha256, load_config
@@ -34,7 +35,7 @@ from ldm.util import UsageError, atomic_write_text, file_sha256, json_sha256, lo
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 RESULTS_BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 SETTINGS_BLOCK = re.compile(r"(<!-- settings: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /settings -->)", re.S)
-MANIFEST_FIELDS = ("title", "format", "command", "model", "measured_identity", "weights_identity", "date", "images")
+MANIFEST_FIELDS = ("title", "format", "command", "model", "measured_identity", "date", "images")
 FORMATS = ("template", "esd-sweep", "report", "leaderboard", "methods")
 FIELD = re.compile(r"\{(\w+)\}")
 OPTIONAL = re.compile(r"\{\?(.*?)(?:\|([^{}|?]*))?\?\}", re.S)
@@ -73,19 +74,29 @@ def shipped_identity():
     return compvis_identity(TINY_SD_DIR / "config.yaml", TINY_SD_DIR / "model.ckpt")["sha256"][:12]
 
 
+@lru_cache(maxsize=1)
+def shipped_file_identity():
+    """The shipped tiny-sd's identity as the project keyed results before 2026-12 (the SHA-256 of its whole config
+    file and checkpoint): figures recorded under it were measured on exactly these files."""
+    return make_identity("compvis", {"config": TINY_SD_DIR / "config.yaml",
+                                     "checkpoint": TINY_SD_DIR / "model.ckpt"})["sha256"][:12]
+
+
 def staleness(name, manifest=None):
-    """Why a table's figures are not those of the shipped model (a sentence), or None when they are."""
+    """Why a table's figures are not those of the shipped model (a sentence), or None when they are: measured
+    under the shipped tiny-sd's identity, or under the earlier whole-file identity of the same files."""
     manifest = manifest or load_manifest(name)
     if not (RESULTS_DIR / f"{name}.csv").is_file():
         return "its CSV is missing"
     if manifest["format"] == "methods":  # its figures are the leaderboard's
         return staleness(LEADERBOARD)
-    if manifest["model"] != "tiny-sd" or manifest["measured_identity"] == shipped_identity():
+    if manifest["model"] != "tiny-sd" or manifest["measured_identity"] in (shipped_identity(),
+                                                                           shipped_file_identity()):
         return None
-    if manifest["weights_identity"] != shipped_identity():
-        return f"measured on other weights than the shipped tiny-sd (`{shipped_identity()}`)"
-    return (f"the shipped weights, but measured under an earlier identity; today they are `{shipped_identity()}` "
-            "and the figures have not been re-measured under it")
+    if manifest["measured_identity"] is None:
+        return "the model identity it was measured on was not recorded"
+    return (f"measured on `{manifest['measured_identity']}`, not the shipped tiny-sd (`{shipped_identity()}`, "
+            f"formerly keyed `{shipped_file_identity()}`)")
 
 
 def fill(template, row):
@@ -296,6 +307,6 @@ def collect(name, today):
     if len(identities) != 1:
         raise UsageError(f"'{name}': its figures come from several base models ({', '.join(sorted(identities))})")
     table.to_csv(RESULTS_DIR / f"{name}.csv", index=False)
-    manifest.update(measured_identity=identities.pop()[:12], weights_identity=shipped_identity(), date=today)
+    manifest.update(measured_identity=identities.pop()[:12], date=today)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest

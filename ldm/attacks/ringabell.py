@@ -1,4 +1,4 @@
-"""Ring-A-Bell (Tsai et al., 2024; METHODS.md, "Attacks the field uses"): a model-agnostic attack on
+"""Ring-A-Bell (Tsai et al., 2024; docs/attacks.md): a model-agnostic attack on
 concept erasure. It never looks at the erased model, only at the text encoder.
 
 The concept vector is the mean difference of the text embeddings (every context token) of prompts with

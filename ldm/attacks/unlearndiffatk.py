@@ -1,4 +1,4 @@
-"""UnlearnDiffAtk (Zhang et al., 2024; METHODS.md, "Attacks the field uses"): the erased model's own
+"""UnlearnDiffAtk (Zhang et al., 2024; docs/attacks.md): the erased model's own
 denoising loss turned against it.
 
 For a target image of the concept (its latent ``z0``, drawn by the base model from the concept's prompt),

@@ -60,7 +60,7 @@ def _flag_type(f):
 
 
 def _shown(value):
-    return "none" if value is None else value
+    return "none" if value is None else '""' if value == "" else value
 
 
 def add_setting_args(parser, cls, fixed=(), model_defaults=None):
