@@ -34,7 +34,7 @@ from ldm.metrics import evaluator_fid
 from ldm.paths import EVALUATOR_PATH, REPO_ROOT
 from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
-from ldm.loading import model_folder
+from ldm.loading import folder_kind, model_folder
 from ldm.runs import read_run_config
 from ldm.text2image import (check_generation_args, check_settings, generation_settings, load_generator, make_jobs,
                             run_jobs, settings_key)
@@ -79,7 +79,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     check_generation_args(args)
-    run_config = read_run_config(model_folder(args.model_name))
+    folder = model_folder(args.model_name)
+    run_config = read_run_config(folder) if folder_kind(folder) == "run" else None
     run_args = run_config.run if run_config is not None else {}
     concept = args.concept or run_args.get("prompt")
     if concept is None:

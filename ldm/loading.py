@@ -56,6 +56,18 @@ def model_folder(model_name):
                      f"{', '.join(known)}")
 
 
+def folder_kind(folder):
+    """What a model folder holds: ``run``, ``diffusers`` or ``compvis``; anything else is one line."""
+    if read_run_config(folder) is not None:
+        return "run"
+    if (Path(folder) / "model_index.json").is_file():
+        return "diffusers"
+    if (Path(folder) / "config.yaml").is_file() and any((Path(folder) / n).is_file() for n in CHECKPOINT_NAMES):
+        return "compvis"
+    raise UsageError(f"model folder '{folder}' needs config.yaml and model.ckpt (or model.safetensors), "
+                     "model_index.json (diffusers), or, for an erasure run, its trained parameters")
+
+
 def load_compvis(config_path, ckpt_path, device="cpu", unsafe_pickle=False, name=None):
     """A CompVis config + checkpoint."""
     config_path, ckpt_path = resolve_path(config_path), resolve_path(ckpt_path)
@@ -117,14 +129,12 @@ def load_model(model_name=None, config_path=None, ckpt_path=None, diffusers_path
             raise UsageError("--ckpt_path and --config_path go together")
         return load_compvis(config_path, ckpt_path, device, unsafe_pickle, name=model_name)
     folder = model_folder(model_name or "tiny-sd")
-    if read_run_config(folder) is not None:
+    kind = folder_kind(folder)
+    if kind == "run":
         return load_run(folder, device, unsafe_pickle, force_base)
-    if (folder / "model_index.json").is_file():
+    if kind == "diffusers":
         return load_diffusers(folder, device)
-    ckpt = next((folder / n for n in CHECKPOINT_NAMES if (folder / n).is_file()), None)
-    if not (folder / "config.yaml").is_file() or ckpt is None:
-        raise UsageError(f"model folder '{folder}' needs config.yaml and model.ckpt (or model.safetensors), "
-                         "model_index.json (diffusers), or, for an erasure run, its trained parameters")
+    ckpt = next(folder / n for n in CHECKPOINT_NAMES if (folder / n).is_file())
     loaded = load_compvis(folder / "config.yaml", ckpt, device, unsafe_pickle, name=folder.name)
     loaded.folder = folder
     return loaded
