@@ -158,7 +158,7 @@ def test_every_model_config_setting_and_every_flag_reaches_the_trainer(name, tin
         for key, value in expected.items():
             assert getattr(settings, key) == value, key
             assert sources[key].startswith("flag" if key in flags else "model config"), (key, sources[key])
-        trainer = method.build(settings, tiny_model, [torch.device("cpu")], None, latents)
+        trainer = method.build(settings, tiny_model, [torch.device("cpu")], None, lambda: latents)
         assert trainer.settings.as_dict() == settings.as_dict()
         assert trainer.total_iterations() >= 1
 

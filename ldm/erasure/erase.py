@@ -124,10 +124,12 @@ def erase(method, args):
     if getattr(args, "gradient_checkpointing", False):
         loaded.model.model.diffusion_model.set_gradient_checkpointing(True)
     record = {}
-    latents = None
-    if method.concept_images:
-        latents, record["data"] = prepare_training_latents(loaded, settings.prompt, settings.data_dir,
-                                                           settings.num_images)
+
+    def latents():  # the concept's training images, drawn or read only once the trainer has checked the rest
+        tensor, record["data"] = prepare_training_latents(loaded, settings.prompt, settings.data_dir,
+                                                          settings.num_images)
+        return tensor
+
     trainer = method.build(settings, loaded.model, devices, autocast_dtype(getattr(args, "mixed_precision", "no"),
                                                                            devices[0]), latents)
     for line in trainer.describe():

@@ -31,7 +31,8 @@ class Method:
     family: str  # the module family: its model-config block is ``<family>_defaults``
     description: str  # one line, for --help and the demo
     settings: type  # a ``MethodSettings`` dataclass
-    build: Callable  # (settings, model, devices, autocast_dtype, latents) -> an ErasureTrainer
+    build: Callable  # (settings, model, devices, autocast_dtype, latents) -> an ErasureTrainer; latents() draws
+    # the concept's training images (CiE, SepCE), called once the method has refused what it can refuse cheaply
     apply: Callable  # (model, run_dir) -> model: the run's edit over its base
     apply_to_diffusers: Callable  # (pipeline, run_dir) -> the pipeline (or hooks, for gates) with the edit
     restorable: bool  # a concept can be dropped from a run (restore-concept.py)
@@ -62,7 +63,7 @@ def _esd_build(settings, model, devices, autocast_dtype, latents):
 
 
 def _cie_build(settings, model, devices, autocast_dtype, latents):
-    return CiETrainer(model, settings, latents, devices[0], devices[1] if len(devices) == 2 else None, autocast_dtype)
+    return CiETrainer(model, settings, latents(), devices[0], devices[1] if len(devices) == 2 else None, autocast_dtype)
 
 
 def _is_sepce_run(config):
@@ -80,8 +81,8 @@ def _sepce_base(flags):
 def _sepce_build(settings, model, devices, autocast_dtype, latents):
     earlier = read_terms(find_run(settings.on, "--on", _is_sepce_run, "a sepce run")) if settings.on else []
     protected = protected_set(settings.keep_set(), earlier, settings.prompt)
-    basis = term_basis(model, protected, settings.rtol, settings.prompt)
-    return SepCETrainer(model, settings, latents, protected, basis, earlier, devices[0], autocast_dtype)
+    basis = term_basis(model, protected, settings.rtol, settings.prompt)  # may refuse the set: before any image
+    return SepCETrainer(model, settings, latents(), protected, basis, earlier, devices[0], autocast_dtype)
 
 
 def _cpe_build(settings, model, devices, autocast_dtype, latents):
