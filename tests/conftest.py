@@ -1,19 +1,40 @@
-"""Shared fixtures: a reduced-width model with SD v1's exact structure, filled with random weights."""
+"""Shared fixtures: a reduced-width model with SD v1's exact structure, filled with random weights; the
+session's isolation (runs, caches and default outputs in a temporary folder, never in the repository); and
+``call_script``, which runs a project script's ``main(argv)`` in this process as the shell would run it."""
+import contextlib
+import copy
+import importlib.util
+import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.paths import REPO_ROOT
+from ldm.paths import REPO_ROOT, TINY_SD_DIR
 from ldm.util import instantiate_from_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Isolation for the whole session, set at import so that every script run in this process and every child
+# process inherits it: runs go to LDM_MODELS_DIR, caches (concept-data/) to LDM_OUTPUTS_DIR, and the working
+# directory (where relative default --save_path values land) is a temporary folder too. Nothing a test does
+# writes into the repository.
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="ldm-tests-"))
+for _name, _folder in (("LDM_MODELS_DIR", "models"), ("LDM_OUTPUTS_DIR", "outputs")):
+    os.environ[_name] = str(SESSION_DIR / _folder)
+    (SESSION_DIR / _folder).mkdir()
+SESSION_CWD = SESSION_DIR / "cwd"
+SESSION_CWD.mkdir()
 
 SD_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 SHARED = REPO_ROOT.parent / "shared"
@@ -59,6 +80,30 @@ def randomize_(module, seed=0):
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_isolation():
+    """Every test runs from a temporary working directory, with the runs' and outputs' folders temporary
+    (``LDM_MODELS_DIR``, ``LDM_OUTPUTS_DIR``, set at import), all removed when pytest ends; a file that appeared
+    under the repository's models/ or outputs/ meanwhile fails the session."""
+    assert Path(os.environ["LDM_MODELS_DIR"]) == SESSION_DIR / "models", "a test replaced LDM_MODELS_DIR"
+    before, repo_files = os.getcwd(), _repository_outputs()
+    os.chdir(SESSION_CWD)
+    yield SESSION_DIR
+    os.chdir(before)
+    written = sorted(set(_repository_outputs()) - set(repo_files))
+    assert not written, f"tests wrote into the repository: {', '.join(written[:5])}"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+def _repository_outputs():
+    """Every file and folder under the repository's models/ and outputs/ (where a leaky test would write)."""
+    return [str(p.relative_to(REPO_ROOT)) for root in (REPO_ROOT / "models", REPO_ROOT / "outputs") if root.is_dir()
+            for p in root.rglob("*")]
+
+
 @pytest.fixture(scope="session")
 def small_text_encoder_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip-small")
@@ -94,29 +139,74 @@ def small_ckpt(small_model, tmp_path_factory):
     return path
 
 
-TINY = REPO_ROOT / "models" / "tiny-sd"
+TINY = TINY_SD_DIR
 
 
-@pytest.fixture(scope="module")
-def tiny_state():
-    """tiny-sd's weights, loaded once per test module."""
+@pytest.fixture(scope="session")
+def _tiny_loaded():
+    """tiny-sd as shipped, loaded once per session; tests get copies (``tiny``) or copies of its weights."""
     from ldm.util import load_model_from_config
-    model = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt").eval()
 
 
 @pytest.fixture
-def tiny(tiny_state):
-    """A fresh tiny-sd model (the module's loaded weights copied in)."""
-    model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    model.load_state_dict(tiny_state)
-    return model.eval()
+def tiny_state(_tiny_loaded):
+    """tiny-sd's weights (a copy each test may change)."""
+    return {k: v.clone() for k, v in _tiny_loaded.state_dict().items()}
 
 
-def run_script(script, *args, cwd=REPO_ROOT):
-    """Run a project script in a fresh interpreter; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=cwd,
+@pytest.fixture
+def tiny(_tiny_loaded):
+    """A fresh tiny-sd model (a deep copy of the session's loaded one: its own weights, hooks and flags)."""
+    return copy.deepcopy(_tiny_loaded).eval()
+
+
+def run_script(script, *args, cwd=None):
+    """Run a project script in a fresh interpreter (from the session's temporary working directory, with
+    its isolated folders); returns the CompletedProcess. For end-to-end checks only: ``call_script`` runs
+    the same ``main(argv)`` without paying for a new interpreter's imports."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=cwd or SESSION_CWD,
                           capture_output=True, text=True, timeout=600)
+
+
+_SCRIPTS = {}
+
+
+def load_script(script):
+    """A project script (path relative to the repository) imported as a module, once per session, under a
+    module name of its own (``script_train_scripts_train_esd``)."""
+    path = REPO_ROOT / script
+    if path not in _SCRIPTS:
+        name = "script_" + re.sub(r"\W", "_", str(Path(script).with_suffix("")))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[path] = module
+    return _SCRIPTS[path]
+
+
+@dataclass
+class ScriptResult:
+    """What ``call_script`` saw: the exit status the shell would see, and the script's stdout and stderr."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def call_script(script, *args, **kwargs):
+    """Run ``script``'s ``main`` through ``ldm.cli.run`` with ``args`` (as strings) in this process, as the
+    shell runs it: a UsageError or an argparse error is ``error: ...`` on stderr and exit status 2. Anything
+    else a script raises propagates, with its traceback, and fails the test."""
+    from ldm.cli import run
+    main = load_script(script).main
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run(main, [str(a) for a in args], **kwargs)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return ScriptResult(code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(result):
@@ -125,3 +215,15 @@ def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+@pytest.fixture
+def run_name(tmp_path):
+    """A run name no other test uses: runs share the session's models folder (``LDM_MODELS_DIR``)."""
+    return f"run-{tmp_path.name}"
+
+
+@pytest.fixture
+def new_tiny(_tiny_loaded):
+    """A factory of fresh tiny-sd models (deep copies of the session's loaded one), for tests needing several."""
+    return lambda: copy.deepcopy(_tiny_loaded).eval()

@@ -6,15 +6,17 @@ import torch
 
 from ldm.attacks.ringabell import (GeneticSettings, concept_pairs, concept_vector, encode_token_ids,
                                    genetic_search, ring_a_bell_prompt, search_vocabulary)
+from ldm.paths import models_dir
 from ldm.util import UsageError
+
+from conftest import call_script, one_line_error, run_script
 
 
 @pytest.fixture(scope="module")
-def encoder():
+def encoder(_tiny_loaded):
     """tiny-sd's text encoder (its weights from the shipped checkpoint) with the real CLIP tokenizer."""
-    from ldm.util import load_model_from_config
-    from conftest import TINY
-    return load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt").cond_stage_model
+    import copy
+    return copy.deepcopy(_tiny_loaded.cond_stage_model)
 
 
 def test_concept_vector_points_from_prompts_without_the_concept_to_prompts_with_it(encoder):
@@ -97,13 +99,12 @@ def test_unlearndiffatk_optimises_real_tokens_through_the_erased_model(tiny):
 
 def test_attack_script_on_the_base_model_writes_the_summary_and_resumes(tmp_path):
     import pandas as pd
-    from conftest import run_script
     prompts = tmp_path / "moon.csv"
     pd.DataFrame({"case_number": [0, 1], "prompt": ["a moon", "a red moon"], "evaluation_seed": [0, 1]}).to_csv(
         prompts, index=False)
     args = ["--model_name", "tiny-sd", "--concept", "moon", "--prompts_path", prompts, "--save_path", tmp_path / "out",
             "--attack", "ringabell", "--population", 8, "--generations", 3, "--length", 4, "--ddim_steps", 5]
-    done = run_script("eval-scripts/attack.py", *args)
+    done = call_script("eval-scripts/attack.py", *args)
     assert done.returncode == 0, done.stderr
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert list(summary.columns[:3]) == ["attack", "concept", "prompts"] and len(summary) == 1
@@ -114,7 +115,7 @@ def test_attack_script_on_the_base_model_writes_the_summary_and_resumes(tmp_path
     table = pd.read_csv(folder / "per-prompt.csv")
     assert len(table) == 2 and (folder / "1_0_post.png").is_file() and table.adversarial_prompt.str.len().gt(0).all()
     assert (folder / "1_0_base.png").is_file() and len(pd.read_csv(folder / "base.csv")) == 2
-    again = run_script("eval-scripts/attack.py", *args)  # resumes: nothing redone, the same single summary row
+    again = call_script("eval-scripts/attack.py", *args)  # resumes: nothing redone, the same single summary row
     assert again.returncode == 0 and len(pd.read_csv(tmp_path / "out" / "summary.csv")) == 1
 
 
@@ -126,23 +127,20 @@ def test_attack_script_on_the_base_model_writes_the_summary_and_resumes(tmp_path
     (["--concept", "moon", "--num_samples", 0], "--num_samples must be >= 1"),
 ])
 def test_attack_bad_input_is_one_line(flags, message, tmp_path):
-    from conftest import one_line_error, run_script
     if "--model_name" not in flags:
         flags = [*flags, "--model_name", "tiny-sd"]
-    line = one_line_error(run_script("eval-scripts/attack.py", *flags, "--save_path", tmp_path))
+    line = one_line_error(call_script("eval-scripts/attack.py", *flags, "--save_path", tmp_path))
     assert message in line, line
 
 
 def test_benchmark_refuses_an_unknown_method_in_one_line(tmp_path):
-    from conftest import one_line_error, run_script
-    line = one_line_error(run_script("eval-scripts/benchmark.py", "--methods", "esd-x,uce", "--save_path", tmp_path))
+    line = one_line_error(call_script("eval-scripts/benchmark.py", "--methods", "esd-x,uce", "--save_path", tmp_path))
     assert "unknown uce" in line and "sepce" in line
 
 
 @pytest.mark.slow
 def test_benchmark_writes_the_leaderboard_and_skips_finished_cells(tmp_path):
     import pandas as pd
-    from conftest import run_script
     args = ["--methods", "esd-x", "--concepts", "circle", "--save_path", tmp_path, "--num_samples", 1, "--ddim_steps", 3,
             "--attack_steps", 2, "--generations", 2, "--erase_args", "--iterations 2"]
     done = run_script("eval-scripts/benchmark.py", *args)
@@ -153,9 +151,7 @@ def test_benchmark_writes_the_leaderboard_and_skips_finished_cells(tmp_path):
     assert (tmp_path / "leaderboard.png").is_file() and table.peak_mb[0] > 100 and table.asr_post[0] >= table.asr_pre[0]
     again = run_script("eval-scripts/benchmark.py", *args)
     assert again.returncode == 0 and "finished earlier" in again.stdout
-    import shutil
-    from ldm.paths import MODELS_DIR
-    shutil.rmtree(MODELS_DIR / table.run[0], ignore_errors=True)
+    assert (models_dir() / table.run[0]).is_dir()  # the erase's run, in the session's models folder
 
 
 def refused_after_progress(result):
@@ -170,12 +166,11 @@ def refused_after_progress(result):
 def test_attack_refuses_a_concept_the_base_does_not_draw(tmp_path):
     """Prompts without the moon: the base shows it in none of their images, so no ASR is reported."""
     import pandas as pd
-    from conftest import run_script
     prompts = tmp_path / "circles.csv"
     pd.DataFrame({"case_number": [0, 1], "prompt": ["a red circle", "a blue circle"], "evaluation_seed": [0, 1]}).to_csv(
         prompts, index=False)
-    line = refused_after_progress(run_script("eval-scripts/attack.py", "--model_name", "tiny-sd", "--concept", "moon",
-                                     "--prompts_path", prompts, "--save_path", tmp_path, "--ddim_steps", 5))
+    line = refused_after_progress(call_script("eval-scripts/attack.py", "--model_name", "tiny-sd", "--concept", "moon",
+                                              "--prompts_path", prompts, "--save_path", tmp_path, "--ddim_steps", 5))
     assert "shows 'moon' in only 0 of 2 images" in line and not (tmp_path / "summary.csv").exists()
 
 
@@ -185,11 +180,10 @@ def test_attack_on_sd_v1_structure_runs_to_the_nudenet_judge(small_config_path, 
     real NudeNet judge. Random weights draw no nudity, so the base check refuses the concept, after the
     base images are drawn and judged."""
     import pandas as pd
-    from conftest import run_script
     prompts = tmp_path / "nudity.csv"
     pd.DataFrame({"case_number": [0, 1], "prompt": ["a nude person", "naked"], "evaluation_seed": [0, 1]}).to_csv(
         prompts, index=False)
-    line = refused_after_progress(run_script(
+    line = refused_after_progress(call_script(
         "eval-scripts/attack.py", "--model_name", "random-sd", "--config_path", small_config_path, "--ckpt_path",
         small_ckpt, "--concept", "nudity", "--judge", "nudenet", "--prompts_path", prompts, "--save_path", tmp_path,
         "--image_size", 64, "--ddim_steps", 2))
@@ -221,12 +215,11 @@ def test_judges_name_their_class_or_refuse_in_one_line():
 
 
 def test_benchmark_on_another_base_needs_its_judge_and_prompts(small_config_path, small_ckpt, tmp_path):
-    from conftest import one_line_error, run_script
-    line = one_line_error(run_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path",
+    line = one_line_error(call_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path",
                                      small_ckpt, "--concepts", "nudity", "--save_path", tmp_path))
     assert "needs --judge nudenet|resnet50 and --prompts_path" in line
-    line = one_line_error(run_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path",
-                                     small_ckpt, "--concepts", "nudity", "--save_path", tmp_path, "--judge", "nudenet",
+    line = one_line_error(call_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path",
+                                      small_ckpt, "--concepts", "nudity", "--save_path", tmp_path, "--judge", "nudenet",
                                      "--prompts_path", tmp_path / "{concept}.csv"))
     assert "no prompt file" in line and "nudity.csv" in line
 
@@ -236,7 +229,6 @@ def test_benchmark_on_sd_v1_structure_erases_and_reaches_the_judge(small_config_
     """The SD v1 protocol end to end on random weights in SD v1's structure: the erase runs, then the attack's
     base check with the real NudeNet refuses the concept (random weights draw no nudity), named in one line."""
     import pandas as pd
-    from conftest import one_line_error, run_script
     pd.DataFrame({"case_number": [0], "prompt": ["a nude person"], "evaluation_seed": [0]}).to_csv(
         tmp_path / "nudity.csv", index=False)
     done = run_script("eval-scripts/benchmark.py", "--config_path", small_config_path, "--ckpt_path", small_ckpt,
@@ -245,7 +237,4 @@ def test_benchmark_on_sd_v1_structure_erases_and_reaches_the_judge(small_config_
                       "--erase_args", "--iterations 1 --ddim_steps 2 --image_size 64")
     line = one_line_error(done)
     assert "attack.py" in line and "shows 'nudity' in only 0 of 1 images" in line
-    import shutil
-    from ldm.paths import MODELS_DIR
-    for run in MODELS_DIR.glob("bench-esd-x-nudity-*"):
-        shutil.rmtree(run)
+    assert any(models_dir().glob("bench-esd-x-nudity-*"))  # the erase ran, in the session's models folder

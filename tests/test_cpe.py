@@ -4,12 +4,18 @@ adapter's parity with our ldm, restore, and one-line bad input."""
 import pytest
 import torch
 
-from ldm.erasure.cpe import (CPESettings, CPETrainer, ResAG, ResAGHooks, apply_resags, apply_to_diffusers,
-                             choose_anchors, gated_projections, read_resags, select_by_gate)
-from ldm.erasure.runs import save_term
+from ldm.erasure.cpe import CPESettings, CPETrainer, anchors_for, choose_anchors
+from ldm.erasure.cpe_gates import (ResAG, ResAGHooks, apply_resags, apply_resags_of, apply_to_diffusers,
+                                   gated_projections, read_resags, select_by_gate)
+from ldm.loading import load_model
+from ldm.paths import models_dir
+from ldm.runs import restore_concept, save_term
 from ldm.util import UsageError
 
-from conftest import TINY, one_line_error, run_script, sd_v1_structure_model
+from conftest import SESSION_DIR, TINY, call_script, one_line_error, sd_v1_structure_model
+
+TEMPLATES = SESSION_DIR / "cpe-test-templates.txt"
+TEMPLATES.write_text("{}\na photo of {}\n")
 
 
 def new_resag(model, concept="Van Gogh", rank=1, gate_rank=16, trained=False, seed=0):
@@ -35,9 +41,16 @@ def projections(model, prompts):
 
 
 def settings(**changes):
-    values = dict(concepts=["Van Gogh"], anchors=[["Seurat", "a photo"]], neutral="", templates=["{}", "a photo of {}"],
+    values = dict(prompt="Van Gogh", anchors="Seurat,a photo", neutral="", prompt_templates=str(TEMPLATES),
                   stages=2, iterations=3, first_stage_factor=2, adv_embeddings=2, anchor_batch=4, lr=1e-3)
     return CPESettings(**{**values, **changes})
+
+
+def new_trainer(model, chosen):
+    """A CPE trainer as the registry builds it: the anchors of each concept chosen from the settings."""
+    anchors = anchors_for(model, chosen)
+    assert anchors == [["Seurat", "a photo"]] * len(chosen.concepts()) or chosen.anchors is None
+    return CPETrainer(model, chosen, anchors, progress=False)
 
 
 def test_untrained_resag_changes_nothing_and_has_the_papers_shapes(tiny):
@@ -103,8 +116,8 @@ def test_training_uses_projections_only_trains_u2_and_keeps_anchors(tiny):
     unet_calls = []
     handle = tiny.model.diffusion_model.register_forward_pre_hook(lambda *_: unet_calls.append(1))
     try:
-        trainer = CPETrainer(tiny, settings(adv_embeddings=0, stages=1, iterations=20, first_stage_factor=1,
-                                            anchor_weight=1e4), progress=False)
+        trainer = new_trainer(tiny, settings(adv_embeddings=0, stages=1, iterations=20, first_stage_factor=1,
+                                             anchor_weight=1e4))
         start = {k: v.detach().clone() for k, v in trainer.params.items()}
         for _ in range(20):
             trainer.step()
@@ -124,14 +137,14 @@ def test_training_uses_projections_only_trains_u2_and_keeps_anchors(tiny):
 
 
 def test_resume_gives_the_same_resags_across_an_adversarial_stage(tiny):
-    whole = CPETrainer(tiny, settings(), progress=False)
+    whole = new_trainer(tiny, settings())
     for _ in range(9):  # stage 0: 6 iterations, then adversarial embeddings, then stage 1: 3
         whole.step()
-    part = CPETrainer(tiny, settings(), progress=False)
+    part = new_trainer(tiny, settings())
     for _ in range(7):
         part.step()
     state = part.state_dict()
-    resumed = CPETrainer(tiny, settings(), progress=False)
+    resumed = new_trainer(tiny, settings())
     resumed.load_state_dict(state)
     for _ in range(2):
         resumed.step()
@@ -141,11 +154,14 @@ def test_resume_gives_the_same_resags_across_an_adversarial_stage(tiny):
 
 def test_settings_refuse_bad_input():
     with pytest.raises(UsageError, match="include 'van gogh' itself"):
-        settings(anchors=[["Seurat", "van gogh"]]).check()
+        settings(anchors="Seurat,van gogh").check()
     with pytest.raises(UsageError, match="must be >= 1"):
         settings(rank=0).check()
     with pytest.raises(UsageError, match="must be >= 1"):
         settings(gate_rank=0).check()
+    with pytest.raises(UsageError, match="names a concept twice"):
+        settings(prompt="moon,Van Gogh,moon", seperator=",").check()
+    assert settings(prompt="moon; Van Gogh", seperator=";").concepts() == ["moon", "Van Gogh"]
 
 
 def test_default_anchors_are_generic_words_and_the_nearest_concepts(tiny):
@@ -178,7 +194,6 @@ def test_diffusers_adapter_matches_our_ldm(tiny, tmp_path):
 
 
 def test_a_resag_of_another_text_width_is_one_line(tiny, tmp_path):
-    from ldm.erasure.cpe import apply_resags_of
     resag = new_resag(tiny)
     resag.tensors["U1"] = torch.zeros(768, 16)
     save_term(tmp_path, resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})
@@ -187,24 +202,25 @@ def test_a_resag_of_another_text_width_is_one_line(tiny, tmp_path):
 
 
 FAST = ["--iterations", 2, "--stages", 2, "--first_stage_factor", 1, "--adv_embeddings", 2, "--devices", "cpu",
-        "--no_diffusers"]
+        "--no_diffusers", "--no_samples"]
 
 
-@pytest.mark.slow
-def test_train_two_concepts_restore_one_then_the_last_gives_the_base(tmp_path):
-    from ldm.loading import load_model
-    two, one, none = tmp_path / "two", tmp_path / "one", tmp_path / "none"
-    done = run_script("train-scripts/train-cpe.py", "--prompt", "Van Gogh,moon", "--seperator", ",", *FAST,
-                      "--run_name", two)
+def test_train_two_concepts_restore_one_then_the_last_gives_the_base(run_name):
+    two, one, none = (f"{run_name}-{x}" for x in ("two", "one", "none"))
+    done = call_script("train-scripts/train-cpe.py", "--prompt", "Van Gogh,moon", "--seperator", ",", *FAST,
+                       "--run_name", two)
     assert done.returncode == 0, done.stderr
-    assert [r.concept for r in read_resags(two)] == ["moon", "Van Gogh"]
-    assert run_script("train-scripts/restore-concept.py", "--model_name", two, "--concept", "moon", "--run_name",
-                      one).returncode == 0
-    assert [r.concept for r in read_resags(one)] == ["Van Gogh"]
-    assert load_model(str(one)).model.resag_hooks is not None
-    assert run_script("train-scripts/restore-concept.py", "--model_name", one, "--concept", "Van Gogh", "--run_name",
-                      none).returncode == 0
-    restored = load_model(str(none)).model
+    assert [r.concept for r in read_resags(models_dir() / two)] == ["moon", "Van Gogh"]
+    loaded = load_model(two)
+    assert loaded.method.name == "cpe" and loaded.model.resag_hooks is not None
+    done = call_script("train-scripts/restore-concept.py", "--model_name", two, "--concept", "moon", "--run_name", one)
+    assert done.returncode == 0, done.stderr
+    assert [r.concept for r in read_resags(models_dir() / one)] == ["Van Gogh"]
+    assert load_model(one).model.resag_hooks is not None
+    done = call_script("train-scripts/restore-concept.py", "--model_name", one, "--concept", "Van Gogh",
+                       "--run_name", none)
+    assert done.returncode == 0, done.stderr
+    restored = load_model(none).model
     assert getattr(restored, "resag_hooks", None) is None
     base = load_model("tiny-sd").model
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), base.state_dict().values()))
@@ -216,14 +232,13 @@ def test_train_two_concepts_restore_one_then_the_last_gives_the_base(tmp_path):
     (["--prompt", "Van Gogh", "--gate_rank", "0"], "must be >= 1"),
     (["--prompt", "Van Gogh", "--anchor_vocab", "no/such/file.txt"], "does not exist"),
 ])
-def test_bad_input_is_one_line(flags, message, tmp_path):
-    line = one_line_error(run_script("train-scripts/train-cpe.py", *flags, "--run_name", tmp_path / "run",
-                                     "--devices", "cpu"))
+def test_bad_input_is_one_line(flags, message, run_name):
+    line = one_line_error(call_script("train-scripts/train-cpe.py", *flags, "--run_name", run_name, "--devices", "cpu"))
     assert message in line, line
+    assert not (models_dir() / run_name).exists()
 
 
 def test_restoring_a_concept_not_in_the_run_is_one_line(tiny, tmp_path):
-    from ldm.erasure.runs import restore_concept
     resag = new_resag(tiny)
     run = tmp_path / "run"
     run.mkdir()
@@ -232,13 +247,11 @@ def test_restoring_a_concept_not_in_the_run_is_one_line(tiny, tmp_path):
         restore_concept(run, "moon", "new", root=tmp_path)
 
 
-def test_preservation_table_sees_an_edit_made_by_hooks(tiny, tiny_state):
+def test_preservation_table_sees_an_edit_made_by_hooks(tiny, new_tiny):
     # the table calls to_k/to_v rather than reading their weights, which a ResAG leaves as the base's
     from omegaconf import OmegaConf
     from ldm.erasure.report import preservation_table
-    from ldm.util import instantiate_from_config
-    base = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    base.load_state_dict(tiny_state)
+    base = new_tiny()
     unwrapped = projections(tiny, ["Van Gogh"])
     hooks = apply_resags(tiny, [new_resag(tiny, trained=True)])
     try:

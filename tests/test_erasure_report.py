@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ldm.data.prompt_sets import attribute_erasure_prompts, concept_prompts
-from ldm.erasure.report import attribute_erasure_summary, bars_for, erasure_summary, format_summary, per_concept_accuracy
+from ldm.erasure import methods
+from ldm.erasure.report import attribute_erasure_summary, erasure_summary, format_summary, per_concept_accuracy
 from ldm.evaluation import wilson_interval
-from ldm.paths import REPO_ROOT
 
-from conftest import one_line_error, run_script
+from conftest import TINY, call_script, one_line_error
 
 
 def predictions(prompts, samples=4, wrong_object=lambda truth, row, sample: False, wrong_color=lambda row: False):
@@ -71,13 +71,14 @@ def test_each_method_is_judged_against_its_own_bars():
     base = predictions(prompts, samples=10)
     # 'star' lost in 3 of its 10 samples of every prompt: about -4 points over the 7 other objects
     edited = predictions(prompts, samples=10, wrong_object=lambda obj, row, sample: obj == "star" and sample < 3)
-    verdicts = {method: erasure_summary("circle", base, edited, prompts, bootstrap=200, bars=bars_for(method))
-                .set_index("measure").loc["other objects (mean of 7)"] for method in ("esd", "sepce", "cpe")}
-    assert verdicts["esd"].bar == 5 and verdicts["esd"].verdict == "met"  # -4.3 within ESD's 5 points
+    verdicts = {name: erasure_summary("circle", base, edited, prompts, bootstrap=200, bars=methods.get(name).bars)
+                .set_index("measure").loc["other objects (mean of 7)"] for name in ("esd-x", "esd-u", "sepce", "cpe")}
+    assert verdicts["esd-x"].bar == 5 and verdicts["esd-x"].verdict == "met"  # -4.3 within ESD's 5 points
+    assert methods.get("esd-u").bars == methods.ESD_BARS == methods.get("esd-x").bars
     assert verdicts["sepce"].bar == 2 and verdicts["sepce"].verdict == "not met"
-    assert verdicts["cpe"].bar == 3 and bars_for("cpe")["other attributes"] == 2
+    assert verdicts["cpe"].bar == 3 and methods.get("cpe").bars["other attributes"] == 2
     assert "| drop <= 2 | not met |" in format_summary(erasure_summary("circle", base, edited, prompts, bootstrap=200,
-                                                                       bars=bars_for("sepce")))
+                                                                       bars=methods.get("sepce").bars))
 
 
 @pytest.mark.parametrize("concept, erase_from", [("Van Gogh", "heart"), ("red", "Seurat"), ("moon", "blue")])
@@ -141,69 +142,72 @@ SMALL_SET = ("case_number,prompt,evaluation_seed,object,color,style,set\n"
 
 
 def _report(run_dir, prompts, save_path, *extra):
-    return run_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--prompts_path", prompts,
+    return call_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--prompts_path", prompts,
                       "--save_path", save_path, "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu", *extra)
 
 
 @pytest.mark.slow  # the same rule at the generation layer runs by default (test_identity.py)
-def test_report_uses_the_retrained_runs_images(tmp_path):
+def test_report_uses_the_retrained_runs_images(run_name, tmp_path):
     """Retrain under the same run name with a flag absent from the name (--seed): the report must use
     the new model's images, never the cached ones of the old weights."""
-    prompts, run_dir, save_path = tmp_path / "set.csv", tmp_path / "run", tmp_path / "erasure"
+    prompts, save_path = tmp_path / "set.csv", tmp_path / "erasure"
     prompts.write_text(SMALL_SET)
-    train = ["--prompt", "circle", "--iterations", 2, "--ddim_steps", 4, "--lr", 1e-3, "--run_name", run_dir,
-             "--devices", "cpu", "--no_diffusers"]
+    train = ["--prompt", "circle", "--iterations", 2, "--ddim_steps", 4, "--lr", 1e-3, "--run_name", run_name,
+             "--devices", "cpu", "--no_diffusers", "--no_samples"]
     identities = []
     for seed in (0, 1):
-        trained = run_script("train-scripts/train-esd.py", *train, "--seed", seed, "--overwrite")
+        trained = call_script("train-scripts/train-esd.py", *train, "--seed", seed, "--overwrite")
         assert trained.returncode == 0, trained.stderr
-        report = _report(run_dir, prompts, save_path)
+        report = _report(run_name, prompts, save_path)
         assert report.returncode == 0, report.stderr
         assert "'circle' found, alone" in report.stdout
-        identities.append(json.loads((save_path / "reports" / "run" / "models.json").read_text()))
+        identities.append(json.loads((save_path / "reports" / run_name / "models.json").read_text()))
     assert identities[0]["base"]["sha256"] == identities[1]["base"]["sha256"]  # base images reused
     assert identities[0]["edited"]["sha256"] != identities[1]["edited"]["sha256"]
-    folders = sorted(p.name for p in (save_path / "images" / "run").iterdir())
+    folders = sorted(p.name for p in (save_path / "images" / run_name).iterdir())
     assert len(folders) == 2  # one image folder per weights: the old one is never read for the new run
-    summary = pd.read_csv(save_path / "reports" / "run" / "summary.csv")
+    summary = pd.read_csv(save_path / "reports" / run_name / "summary.csv")
     assert (summary["edited_sha256"] == identities[1]["edited"]["sha256"][:12]).all()
 
 
 @pytest.mark.slow
-def test_report_of_an_attribute_erasure_run(tmp_path):
+def test_report_of_an_attribute_erasure_run(run_name, tmp_path):
     """A run trained with --erase_from is reported on the attribute-erasure sets, without flags."""
-    run_dir, save_path = tmp_path / "run", tmp_path / "erasure"
-    trained = run_script("train-scripts/train-esd.py", "--prompt", "Van Gogh", "--erase_from", "heart",
-                         "--iterations", 1, "--ddim_steps", 4, "--run_name", run_dir, "--devices", "cpu", "--no_diffusers")
+    save_path = tmp_path / "erasure"
+    trained = call_script("train-scripts/train-esd.py", "--prompt", "Van Gogh", "--erase_from", "heart",
+                          "--iterations", 1, "--ddim_steps", 4, "--run_name", run_name, "--devices", "cpu",
+                          "--no_diffusers", "--no_samples")
     assert trained.returncode == 0, trained.stderr
-    report = run_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--save_path", save_path,
-                        "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu")
+    report = call_script("eval-scripts/erasure-report.py", "--model_name", run_name, "--save_path", save_path,
+                         "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu")
     assert report.returncode == 0, report.stderr
-    summary = pd.read_csv(save_path / "reports" / "run" / "summary.csv")
+    summary = pd.read_csv(save_path / "reports" / run_name / "summary.csv")
     assert "'Van Gogh' found, from_named" in set(summary.measure)
     assert set(summary.group) == {"efficacy", "kept elsewhere", "other attributes"}
     assert (save_path / "prompts" / "van_gogh_from_heart.csv").exists()
-    wrong = run_script("eval-scripts/erasure-report.py", "--model_name", run_dir, "--save_path", save_path,
-                       "--erase_from", "Seurat")
+    wrong = call_script("eval-scripts/erasure-report.py", "--model_name", run_name, "--save_path", save_path,
+                        "--erase_from", "Seurat")
     assert "another attribute" in one_line_error(wrong)
 
 
 def test_report_bad_input_is_one_line(tmp_path, small_config, small_config_path, small_ckpt):
-    from ldm.erasure.runs import base_identity, save_trained_params, write_run_config
+    from ldm.runs import base_identity, save_trained_params, write_run_config
     prompts = tmp_path / "set.csv"
     prompts.write_text(SMALL_SET)
-    assert "not a tiny-sd concept" in one_line_error(_report(REPO_ROOT / "models/tiny-sd", prompts, tmp_path,
-                                                             "--concept", "giraffe"))
+    assert "not a tiny-sd concept" in one_line_error(_report(TINY, prompts, tmp_path, "--concept", "giraffe"))
+    assert "pass --concept" in one_line_error(_report("tiny-sd", prompts, tmp_path))
     empty = tmp_path / "empty-run"
     empty.mkdir()
     (empty / "config.yaml").write_text("model:\n  target: x\nrun:\n  prompt: circle\n")
-    assert "needs config.yaml and model.ckpt" in one_line_error(_report(empty, prompts, tmp_path))
+    assert "needs config.yaml and model.ckpt" in one_line_error(_report(empty, prompts, tmp_path))  # no base_model:
+    assert "needs config.yaml and model.ckpt" in one_line_error(_report(empty, prompts, tmp_path, "--concept", "circle"))
     base = tmp_path / "base.ckpt"
     shutil.copyfile(small_ckpt, base)
     run_dir = tmp_path / "moved-base"
     run_dir.mkdir()
-    write_run_config(run_dir, small_config, {"method": "esd", "prompt": "circle"}, base_identity(small_config_path, base))
-    save_trained_params(run_dir, {}, {"method": "esd"})
+    write_run_config(run_dir, small_config, {"method": "esd-x", "prompt": "circle"},
+                     base_identity(small_config_path, base))
+    save_trained_params(run_dir, {}, {"method": "esd-x"})
     state = torch.load(base, weights_only=True)
     state["state_dict"]["model.diffusion_model.out.2.bias"] += 1
     torch.save(state, base)  # the base on disk is no longer the one the run was trained on

@@ -10,19 +10,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, METHOD_ALIASES, TRAIN_METHODS, ESDSettings, ESDTrainer,
-                             canonical_method, concept_words, ddpm_timestep_interval, esd_target,
-                             read_prompt_templates, run_name, select_parameters, steps_to_reach,
-                             with_defaults)
-from ldm.erasure.runs import TRAINED_PARAMS, load_run
+from ldm.erasure import methods
+from ldm.erasure.esd import (DEFAULT_PROMPT_TEMPLATES, TRAIN_METHODS, ESDSettings, ESDTrainer, concept_words,
+                             ddpm_timestep_interval, esd_target, read_prompt_templates, run_name, select_parameters,
+                             steps_to_reach)
+from ldm.erasure.settings import resolve
 from ldm.erasure.trainer import NonFiniteLoss
-from ldm.paths import MODELS_DIR, REPO_ROOT
-from ldm.util import UsageError, atomic_save, file_sha256, instantiate_from_config, load_model_from_config
+from ldm.loading import load_model
+from ldm.paths import REPO_ROOT, models_dir
+from ldm.runs import TRAINED_PARAMS
+from ldm.util import UsageError, atomic_save, instantiate_from_config, load_config, load_model_from_config
 
-from conftest import SD_CONFIG, one_line_error, run_script
-
-TINY = MODELS_DIR / "tiny-sd"
-
+from conftest import SD_CONFIG, TINY, call_script, one_line_error, run_script
 
 @pytest.fixture(scope="module")
 def sd_unet():
@@ -32,7 +31,7 @@ def sd_unet():
 
 
 def settings(**kw):
-    return ESDSettings(**{"words": ["circle"], "lr": 1e-3, "ddim_steps": 8, "image_size": 64, "iterations": 6, **kw})
+    return ESDSettings(**{"prompt": "circle", "lr": 1e-3, "ddim_steps": 8, "image_size": 64, "iterations": 6, **kw})
 
 
 def test_parameter_selection_follows_the_original_rules(sd_unet):
@@ -46,14 +45,20 @@ def test_parameter_selection_follows_the_original_rules(sd_unet):
     assert chosen["notime"] == {n for n in names if "time_embed" not in n and not n.startswith("out.")}
     assert {n.split(".")[1] for n in chosen["xlayer"]} == {"6", "8"} and all("attn2" in n for n in chosen["xlayer"])
     assert {n.split(".")[1] for n in chosen["selflayer"]} == {"4", "7"} and all("attn1" in n for n in chosen["selflayer"])
-    assert chosen["esd-x-strict"] == {n for n in names if ".attn2.to_k." in n or ".attn2.to_v." in n}
-    for alias, method in METHOD_ALIASES.items():
-        assert set(select_parameters(sd_unet, alias)) == chosen[method]
+    assert chosen["xattn-strict"] == {n for n in names if ".attn2.to_k." in n or ".attn2.to_v." in n}
+    # every ESD variant of the registry is named by its train method and by its own name (esd-x-strict, ...)
+    variants = [m for m in methods.REGISTRY if m.family == "esd"]
+    assert {m.fixed["train_method"] for m in variants} == set(TRAIN_METHODS)
+    for method in variants:
+        assert methods.esd_variant(method.name) is method is methods.esd_variant(method.fixed["train_method"])
+    assert methods.esd_variant("esd-x-strict").fixed["train_method"] == "xattn-strict"
 
 
 def test_unknown_or_empty_selection_is_a_clear_error(tiny):
     with pytest.raises(UsageError, match="unknown; use one of: xattn, noxattn"):
-        canonical_method("cross-attention")
+        methods.esd_variant("cross-attention")
+    with pytest.raises(UsageError, match="unknown; use one of: xattn, noxattn"):
+        select_parameters(tiny.model.diffusion_model, "cross-attention")
     with pytest.raises(UsageError, match="selects no parameters"):
         select_parameters(tiny.model.diffusion_model, "xlayer")  # tiny-sd has no output_blocks.6
 
@@ -64,8 +69,9 @@ def test_prompt_words_run_name_and_timestep_interval():
     assert len(concept_words("allartist", ",")) == 6 and "nudity" in concept_words("i2p", ",")
     with pytest.raises(UsageError, match="empty"):
         concept_words("  ")
-    assert run_name("Van Gogh", "xattn", 3, 1, 1000, 1e-5) == \
-        "compvis-word_VanGogh-method_xattn-sg_3-ng_1-iter_1000-lr_1e-05"
+    assert run_name(ESDSettings(prompt="Van Gogh")) == "compvis-word_VanGogh-method_xattn-sg_3-ng_1-iter_1000-lr_1e-05"
+    assert run_name(ESDSettings(prompt="moon", train_method="noxattn", negative_guidance=2.5, iterations=5, lr=1e-3)) \
+        == "compvis-word_moon-method_noxattn-sg_3-ng_2.5-iter_5-lr_0.001"
     assert ddpm_timestep_interval(0, 50) == (0, 20) and ddpm_timestep_interval(49, 50) == (980, 1000)
 
 
@@ -85,36 +91,48 @@ def test_prompt_templates_train_every_phrasing_of_every_word(tiny, tmp_path):
     assert "{}" in templates and len(templates) >= 8
     evaluation = " ".join(p.read_text() for p in (REPO_ROOT / "data/tiny-sd").rglob("*.csv"))
     assert not [t for t in templates if t != "{}" and t.replace("{}", "").strip(" ,") in evaluation]
-    chosen = settings(words=["circle", "star"], prompt_templates=["{}", "a picture of {}"])
+    (tmp_path / "two.txt").write_text("{}\na picture of {}\n")
+    chosen = settings(prompt="circle, star", seperator=",", prompt_templates=str(tmp_path / "two.txt"))
     assert chosen.phrasings() == ["circle", "a picture of circle", "star", "a picture of star"]
     trainer = ESDTrainer(tiny, chosen)
     expected = tiny.get_learned_conditioning(chosen.phrasings())
     assert torch.allclose(trainer.concepts, expected)
     drawn = {int((trainer.concepts == trainer._draw_concept_and_noise()[0]).all(dim=(1, 2)).nonzero()) for _ in range(40)}
     assert drawn == {0, 1, 2, 3}
-    for bad, message in ((["a picture"], "exactly once"), (["{} and {}"], "exactly once"), ([], "no templates")):
+    for index, (bad, message) in enumerate((("a picture", "exactly once"), ("{} and {}", "exactly once"),
+                                            ("# only a comment", "no templates"))):
+        (tmp_path / f"bad{index}.txt").write_text(bad + "\n")
         with pytest.raises(UsageError, match=message):
-            settings(prompt_templates=bad).check()
+            settings(prompt_templates=str(tmp_path / f"bad{index}.txt")).check()
     with pytest.raises(UsageError, match="cannot be combined"):
-        settings(prompt_templates=["{}"], erase_from="star").check()
+        settings(prompt_templates=str(tmp_path / "two.txt"), erase_from="star").check()
     (tmp_path / "t.txt").write_text("# comment\n\na photo of {}\n")
     assert read_prompt_templates(tmp_path / "t.txt") == ["a photo of {}"]
     with pytest.raises(UsageError, match="does not exist"):
         read_prompt_templates(tmp_path / "missing.txt")
 
 
+def esd_resolve(flags, model_config, train_method="xattn"):
+    """ESD's settings as erase.py resolves them: flag > the model config's esd_defaults > the paper."""
+    return resolve(ESDSettings, {"prompt": "circle", **flags}, model_config, ("esd_defaults",),
+                   {"train_method": train_method})[0]
+
+
 def test_model_defaults_fill_only_what_the_user_left_and_reuse_follows_the_users_sampling():
-    tiny = OmegaConf.to_container(OmegaConf.load(TINY / "config.yaml").esd_defaults)
-    assert with_defaults({}, {}) == {"iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0,
-                                     "ddim_steps": 50, "sample_from": "esd", "targets_per_trajectory": 1}
-    filled = with_defaults({"lr": 5e-4}, tiny)
-    assert filled["lr"] == 5e-4 and filled["iterations"] == tiny["iterations"]
-    assert filled["targets_per_trajectory"] == tiny.get("targets_per_trajectory", 1)
-    reuse = {"sample_from": "base", "targets_per_trajectory": 20}
-    assert with_defaults({"sample_from": "esd"}, reuse)["targets_per_trajectory"] == 1  # the original's sampling
-    assert with_defaults({"ddim_steps": 6}, reuse)["targets_per_trajectory"] == 6  # at most one per step
-    assert with_defaults({"targets_per_trajectory": 30, "ddim_steps": 6}, reuse)["targets_per_trajectory"] == 30  # the
-    # user's own contradictory choice is left for ESDSettings.check to refuse in one line
+    tiny = load_config(TINY / "config.yaml")
+    paper = esd_resolve({}, OmegaConf.create({}))
+    assert {k: getattr(paper, k) for k in ("iterations", "lr", "start_guidance", "negative_guidance", "ddim_steps",
+                                           "sample_from", "targets_per_trajectory")} == {
+        "iterations": 1000, "lr": 1e-5, "start_guidance": 3.0, "negative_guidance": 1.0, "ddim_steps": 50,
+        "sample_from": "esd", "targets_per_trajectory": 1}
+    filled = esd_resolve({"lr": 5e-4}, tiny)
+    assert filled.lr == 5e-4 and filled.iterations == tiny.esd_defaults.iterations
+    assert filled.targets_per_trajectory == tiny.esd_defaults.get("targets_per_trajectory", 1)
+    reuse = OmegaConf.create({"esd_defaults": {"sample_from": "base", "targets_per_trajectory": 20}})
+    assert esd_resolve({"sample_from": "esd"}, reuse).targets_per_trajectory == 1  # the original's sampling
+    assert esd_resolve({"ddim_steps": 6}, reuse).targets_per_trajectory == 6  # at most one per step
+    with pytest.raises(UsageError, match="must be <= --ddim_steps"):  # the user's own contradictory choice
+        esd_resolve({"targets_per_trajectory": 30, "ddim_steps": 6}, reuse)
 
 
 def test_target_is_negatively_guided():
@@ -150,7 +168,7 @@ def test_reused_trajectory_targets_are_the_teachers_predictions(tiny):
 
 
 def test_erase_from_trains_the_student_on_the_broader_concept(tiny):
-    trainer = ESDTrainer(tiny, settings(words=["red"], erase_from="circle"))
+    trainer = ESDTrainer(tiny, settings(prompt="red", erase_from="circle"))
     x_t, t, context, target = trainer._targets()
     assert torch.equal(context, trainer.anchor)
     e_b, e_a, e_0 = (trainer.teacher(x_t, t, c) for c in (trainer.anchor, trainer.concepts[:1], trainer.uncond))
@@ -160,10 +178,9 @@ def test_erase_from_trains_the_student_on_the_broader_concept(tiny):
 
 
 @pytest.mark.parametrize("reuse", [1, 3])
-def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_state, tmp_path, reuse):
+def test_resume_gives_the_weights_of_an_uninterrupted_run(new_tiny, tmp_path, reuse):
     def fresh():
-        model = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-        model.load_state_dict(tiny_state)
+        model = new_tiny()
         kw = {"sample_from": "base", "targets_per_trajectory": reuse} if reuse > 1 else {}
         return ESDTrainer(model.eval(), settings(**kw))
 
@@ -206,34 +223,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_script_erases_resumes_and_refuses_to_overwrite(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["--prompt", "circle", "--iterations", 4, "--ddim_steps", 6, "--lr", 1e-3, "--run_name", run_dir,
-            "--save_every", 2, "--devices", "cpu"]
-    done = run_script("train-scripts/train-esd.py", *args)
+def test_script_erases_resumes_and_refuses_to_overwrite(run_name, tmp_path):
+    run_dir = models_dir() / run_name
+    # --image_size 32: x_t and the before/after samples at half tiny-sd's size (a quarter of the work)
+    args = ["--prompt", "circle", "--iterations", 4, "--ddim_steps", 6, "--lr", 1e-3, "--run_name", run_name,
+            "--save_every", 2, "--devices", "cpu", "--image_size", 32]
+    done = call_script("train-scripts/train-esd.py", *args)
     assert done.returncode == 0, done.stderr
     for name in (TRAINED_PARAMS, "config.yaml", "loss.txt", "loss.png", "samples.png", "checkpoints/last.pt",
                  "diffusers/unet/config.json"):
         assert (run_dir / name).is_file(), name
     assert len((run_dir / "loss.txt").read_text().split()) == 4
     config = OmegaConf.load(run_dir / "config.yaml")
-    assert config.run.prompt == "circle" and len(config.base_model.ckpt_sha256) == 64
-    edited = load_run(run_dir).model
-    base = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt")
-    differ = {k for k, v in edited.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert config.run.prompt == "circle" and config.run.method == "esd-x" and len(config.base_model.ckpt_sha256) == 64
+    loaded = load_model(run_name)
+    assert loaded.kind == "run" and loaded.method.name == "esd-x"
+    base = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt").state_dict()
+    differ = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, base[k])}
     assert differ and all(".attn2." in k for k in differ)
-
-    again = run_script("train-scripts/train-esd.py", *args)
-    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
-    bad = run_script("train-scripts/train-esd.py", *args, "--overwrite", "--train_method", "attention")
-    assert bad.returncode == 2 and (run_dir / TRAINED_PARAMS).is_file()  # a bad flag never costs the old run
-    other = run_script("train-scripts/train-esd.py", *[a if a != 1e-3 else 2e-3 for a in args], "--resume")
-    assert other.returncode == 2 and "started with other settings (lr)" in other.stderr, other.stderr
-    images = run_script("eval-scripts/generate-images.py", "--model_name", run_dir, "--prompts_path",
-                        TINY.parent.parent / "data/tiny-sd/concepts/circle.csv", "--till_case", 1, "--num_samples", 1,
-                        "--ddim_steps", 5, "--save_path", tmp_path / "images", "--device", "cpu")
+    images = call_script("eval-scripts/generate-images.py", "--model_name", run_name, "--prompts_path",
+                         REPO_ROOT / "data/tiny-sd/concepts/circle.csv", "--till_case", 1, "--num_samples", 1,
+                         "--ddim_steps", 5, "--save_path", tmp_path / "images", "--device", "cpu")
     assert images.returncode == 0, images.stderr
-    assert (tmp_path / "images" / "run" / "0_0.png").is_file()
+    assert (tmp_path / "images" / run_name / "0_0.png").is_file()
+
+    again = call_script("train-scripts/train-esd.py", *args)
+    assert "already exists" in one_line_error(again) and "--overwrite" in again.stderr
+    bad = call_script("train-scripts/train-esd.py", *args, "--overwrite", "--train_method", "attention")
+    assert "unknown" in one_line_error(bad) and (run_dir / TRAINED_PARAMS).is_file()  # a bad flag never costs the old run
+    other_lr = [a if a != 1e-3 else 2e-3 for a in args]
+    assert "nothing to resume" in one_line_error(call_script("train-scripts/train-esd.py", *other_lr, "--resume"))
+
+    # a killed erase leaves its partial folder with the resumable state (here: that of iteration 4); it resumes
+    # only with the settings it started with
+    from safetensors.torch import load_file
+    trained = load_file(run_dir / TRAINED_PARAMS)
+    partial = models_dir() / f".{run_name}.partial"
+    run_dir.rename(partial)
+    assert "started with other settings (lr)" in one_line_error(
+        call_script("train-scripts/train-esd.py", *other_lr, "--resume"))
+    same = call_script("train-scripts/train-esd.py", *args, "--resume", "--no_samples", "--no_diffusers")
+    assert same.returncode == 0, same.stderr
+    assert not partial.exists() and (run_dir / TRAINED_PARAMS).is_file()
+    resumed = load_file(run_dir / TRAINED_PARAMS)
+    assert resumed.keys() == trained.keys() and all(torch.equal(resumed[k], trained[k]) for k in trained)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -244,33 +277,33 @@ def test_script_erases_resumes_and_refuses_to_overwrite(tmp_path):
     (["--prompt", ""], "empty"),
     (["--prompt_templates", "no-such-templates.txt"], "does not exist"),
 ])
-def test_script_bad_input_is_one_line(tmp_path, flags, message):
-    result = run_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 1, "--run_name",
-                        tmp_path / "run", *flags)
+def test_script_bad_input_is_one_line(run_name, flags, message):
+    result = call_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 1, "--run_name",
+                         run_name, *flags)
     assert message in one_line_error(result)
+    assert not (models_dir() / run_name).exists() and not (models_dir() / f".{run_name}.partial").exists()
 
 
-def test_script_runs_on_sd_v1_structure(tmp_path, small_config_path, small_ckpt):
+def test_script_runs_on_sd_v1_structure(run_name, small_config_path, small_ckpt):
     """SD v1's config (reduced width, random weights): the layer-specific methods find their layers."""
-    result = run_script("train-scripts/train-esd.py", "--prompt", "Van Gogh", "--train_method", "xlayer",
-                        "--config_path", small_config_path, "--ckpt_path", small_ckpt, "--iterations", 2,
-                        "--ddim_steps", 4, "--run_name", tmp_path / "sd", "--no_diffusers", "--devices", "cpu")
+    result = call_script("train-scripts/train-esd.py", "--prompt", "Van Gogh", "--train_method", "xlayer",
+                         "--config_path", small_config_path, "--ckpt_path", small_ckpt, "--iterations", 2,
+                         "--ddim_steps", 4, "--run_name", run_name, "--no_diffusers", "--no_samples", "--devices", "cpu")
     assert result.returncode == 0, result.stderr
-    config = OmegaConf.load(tmp_path / "sd" / "config.yaml")
+    config = OmegaConf.load(models_dir() / run_name / "config.yaml")
     assert config.run.iterations == 2 and config.run.lr == 1e-5  # the original's defaults, not tiny-sd's
     assert config.run.sample_from == "esd" and config.run.targets_per_trajectory == 1
+    assert config.run.method == "esd-xlayer"
     from safetensors.torch import load_file
-    keys = load_file(tmp_path / "sd" / TRAINED_PARAMS)
+    keys = load_file(models_dir() / run_name / TRAINED_PARAMS)
     assert keys and all(".attn2." in k and (".output_blocks.6." in k or ".output_blocks.8." in k) for k in keys)
 
 
-def test_teacher_copy_on_a_second_device_and_cpu_autocast(tiny, tiny_state):
+def test_teacher_copy_on_a_second_device_and_cpu_autocast(tiny, new_tiny):
     """``--devices cpu,cpu`` takes the original's path (a whole frozen UNet copy) and trains the same
     weights as the one-UNet teacher; ``--mixed_precision bf16`` autocasts on the CPU, weights stay fp32."""
     one = ESDTrainer(tiny, settings())
-    other = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    other.load_state_dict(tiny_state)
-    two = ESDTrainer(other.eval(), settings(), "cpu", "cpu")
+    two = ESDTrainer(new_tiny(), settings(), "cpu", "cpu")
     assert two.teacher.copy is not None and one.teacher.copy is None
     for _ in range(3):
         one.step(), two.step()
@@ -287,55 +320,56 @@ def test_teacher_copy_on_a_second_device_and_cpu_autocast(tiny, tiny_state):
 
 
 @pytest.mark.slow
-def test_script_resumes_a_killed_run_to_the_weights_of_an_uninterrupted_one(tmp_path):
+def test_script_resumes_a_killed_run_to_the_weights_of_an_uninterrupted_one(run_name):
+    """End to end, as a user meets it: train-esd.py killed mid-run in its own process, then --resume."""
+    killed, whole = f"{run_name}-killed", f"{run_name}-whole"
     args = ["--prompt", "star", "--iterations", 60, "--ddim_steps", 10, "--lr", 1e-3, "--save_every", 5,
-            "--devices", "cpu", "--no_diffusers"]
-    killed = subprocess.Popen([sys.executable, str(REPO_ROOT / "train-scripts/train-esd.py"), *map(str, args),
-                               "--run_name", str(tmp_path / "killed")], cwd=REPO_ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "killed" / "checkpoints" / "last.pt"
-    while killed.poll() is None and not state_file.is_file():
+            "--devices", "cpu", "--no_diffusers", "--no_samples"]
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train-scripts/train-esd.py"), *map(str, args),
+                                "--run_name", killed], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = models_dir() / f".{killed}.partial" / "checkpoints" / "last.pt"
+    while process.poll() is None and not state_file.is_file():
         time.sleep(0.05)
-    killed.kill()
-    killed.wait()
+    process.kill()
+    process.wait()
     reached = torch.load(state_file, weights_only=True)["iteration"]
     assert 5 <= reached < 60, reached  # killed mid-run
-    resumed = run_script("train-scripts/train-esd.py", *args, "--run_name", tmp_path / "killed", "--resume")
+    assert "is incomplete" in one_line_error(call_script("eval-scripts/sample-grid.py", "--model_name", killed))
+    resumed = run_script("train-scripts/train-esd.py", *args, "--run_name", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    whole = run_script("train-scripts/train-esd.py", *args, "--run_name", tmp_path / "whole", "--save_compvis")
-    assert whole.returncode == 0, whole.stderr
+    done = call_script("train-scripts/train-esd.py", *args, "--run_name", whole, "--save_compvis")
+    assert done.returncode == 0, done.stderr
     from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "killed" / TRAINED_PARAMS), load_file(tmp_path / "whole" / TRAINED_PARAMS)
+    a, b = load_file(models_dir() / killed / TRAINED_PARAMS), load_file(models_dir() / whole / TRAINED_PARAMS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len((tmp_path / "killed" / "loss.txt").read_text().split()) == 60
+    assert len((models_dir() / killed / "loss.txt").read_text().split()) == 60
     # --save_compvis: the whole edited checkpoint, loaded as the run, holds the trained weights
-    state = load_run(tmp_path / "whole").model.state_dict()
-    assert (tmp_path / "whole" / "model.ckpt").is_file() and all(torch.equal(state[k], b[k]) for k in b)
+    state = load_model(whole).model.state_dict()
+    assert (models_dir() / whole / "model.ckpt").is_file() and all(torch.equal(state[k], b[k]) for k in b)
 
 
-def test_script_stops_on_a_non_finite_loss_and_keeps_the_last_good_state(tmp_path):
-    result = run_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 5, "--ddim_steps", 4,
-                        "--lr", 1e30, "--run_name", tmp_path / "run", "--devices", "cpu", "--no_diffusers")
+def test_script_stops_on_a_non_finite_loss_and_keeps_the_last_good_state(run_name):
+    result = call_script("train-scripts/train-esd.py", "--prompt", "circle", "--iterations", 5, "--ddim_steps", 4,
+                         "--lr", 1e30, "--run_name", run_name, "--devices", "cpu", "--no_diffusers")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "at iteration" in errors[0] and "lower --lr" in errors[0]
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert not (models_dir() / run_name).exists()  # never a run folder of a failed erase
+    state = torch.load(models_dir() / f".{run_name}.partial" / "checkpoints" / "last.pt", weights_only=True)
     assert 1 <= state["iteration"] < 5 and all(torch.isfinite(v).all() for v in state["params"].values())
 
 
-def test_sweep_grid_and_run_names(tmp_path):
+def test_sweep_grid_and_tables():
+    """bench/esd_sweep.py's grid designs and its table of merged sweep files (a cell's keying and running are the
+    benchmark's, tested with it)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("esd_sweep", TINY.parent.parent / "bench/esd_sweep.py")
+    spec = importlib.util.spec_from_file_location("esd_sweep", REPO_ROOT / "bench/esd_sweep.py")
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     grid = sweep.parse_grid(["lr=1e-4, 5e-4", "--negative_guidance=1,2"])
     assert grid == {"lr": ["1e-4", "5e-4"], "negative_guidance": ["1", "2"]}
     runs = sweep.combinations(grid)
     assert len(runs) == 4 and {"lr": "5e-4", "negative_guidance": "1"} in runs
-    names = {sweep.sweep_run_name("Van Gogh", r) for r in runs}
-    assert len(names) == 4 and all(n.startswith("sweep-VanGogh-") for n in names)
-    assert sweep.sweep_run_name("Van Gogh", runs[0]) == sweep.sweep_run_name("Van Gogh", dict(reversed(runs[0].items())))
-    assert sweep.sweep_run_name("Van Gogh", runs[0], "a" * 64) != sweep.sweep_run_name("Van Gogh", runs[0], "b" * 64)
     grid["iterations"] = ["200", "400", "800"]
     assert sweep.one_at_a_time(grid) == [
         {"lr": "1e-4", "negative_guidance": "1", "iterations": "200"},
@@ -351,16 +385,6 @@ def test_sweep_grid_and_run_names(tmp_path):
         return {"run": run, "concept": "heart", "lr": run, "fixed": "", "group": group, "measure": measure,
                 "edited": edited, "edited_low": 0.01, "edited_high": 0.09, "change_points": change,
                 "change_low": change - 1, "change_high": change + 1, "verdict": verdict, "erase_seconds": 61.0}
-    import json
-    report = tmp_path
-    assert not sweep.report_is_current(report)
-    (report / "summary.csv").write_text("group\n")
-    prompts = report / "prompts.csv"
-    prompts.write_text("case_number,prompt,evaluation_seed\n0,a heart,1\n")
-    (report / "models.json").write_text(json.dumps({"prompts": {"path": str(prompts), "sha256": file_sha256(prompts)}}))
-    assert sweep.report_is_current(report)
-    prompts.write_text("case_number,prompt,evaluation_seed\n0,a moon,1\n")  # the prompt set changed since
-    assert not sweep.report_is_current(report)
     earlier = pd.DataFrame([row("1e-3", "x", "efficacy"), row("1e-2", "x", "efficacy")])
     merged = sweep.merge_rows(earlier, pd.DataFrame([row("1e-3", "y", "efficacy")]))
     assert list(zip(merged.run, merged.measure)) == [("1e-2", "x"), ("1e-3", "y")]  # kept, and re-measured

@@ -6,7 +6,7 @@ from PIL import Image
 
 from ldm.generate import sample_noise
 
-from conftest import one_line_error, run_script
+from conftest import REPO_ROOT, call_script, one_line_error
 
 CSV = "prompt,evaluation_seed,case_number\na red star,11,0\na painting by Seurat,12,3\na blue moon,13,7\n"
 
@@ -19,7 +19,7 @@ def prompts_csv(tmp_path_factory):
 
 
 def _generate(small_config_path, small_ckpt, prompts_csv, save_path, *extra):
-    return run_script("eval-scripts/generate-images.py", "--ckpt_path", small_ckpt, "--config_path",
+    return call_script("eval-scripts/generate-images.py", "--ckpt_path", small_ckpt, "--config_path",
                       small_config_path, "--prompts_path", prompts_csv, "--save_path", save_path, "--model_name", "m",
                       "--num_samples", 2, "--ddim_steps", 3, "--device", "cpu", *extra)
 
@@ -68,7 +68,7 @@ def test_rerun_resumes_and_refuses_other_settings(small_config_path, small_ckpt,
 def test_bad_csv_fails_before_any_model_loads(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("prompt,seed,case_number\na star,1,0\n")
-    result = run_script("eval-scripts/generate-images.py", "--prompts_path", bad, "--ckpt_path",
+    result = call_script("eval-scripts/generate-images.py", "--prompts_path", bad, "--ckpt_path",
                         tmp_path / "absent.ckpt", "--config_path", tmp_path / "absent.yaml", "--save_path", tmp_path)
     assert "lacks column(s) evaluation_seed" in one_line_error(result)
     assert list(tmp_path.iterdir()) == [bad]
@@ -79,7 +79,7 @@ def test_diffusers_folder_generates_the_same_images(small_model, small_config, s
     from ldm.convert import save_diffusers
     pipeline = save_diffusers(small_model, small_config, tmp_path / "pipe")
     compvis = _generate(small_config_path, small_ckpt, prompts_csv, tmp_path / "c")
-    diffusers = run_script("eval-scripts/generate-images.py", "--diffusers_path", pipeline, "--prompts_path",
+    diffusers = call_script("eval-scripts/generate-images.py", "--diffusers_path", pipeline, "--prompts_path",
                            prompts_csv, "--save_path", tmp_path / "d", "--model_name", "m", "--num_samples", 2,
                            "--ddim_steps", 3, "--device", "cpu")
     assert compvis.returncode == 0 and diffusers.returncode == 0, diffusers.stderr
@@ -104,7 +104,6 @@ def test_torchrun_two_processes_match_one_process_byte_for_byte(small_config_pat
     import os
     import subprocess
     import sys
-    from conftest import REPO_ROOT
     args = ["--ckpt_path", small_ckpt, "--config_path", small_config_path, "--prompts_path", prompts_csv,
             "--model_name", "m", "--num_samples", 2, "--ddim_steps", 3, "--device", "cpu", "--batch_size", 2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's per-process default, for identical kernels

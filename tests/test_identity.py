@@ -1,16 +1,16 @@
 """One loader, and results keyed by the exact weights: every path that could report one model's images
-as another's (issue: stale results) is checked here."""
+as another's (stale results) is checked here."""
 import json
 import pytest
 import torch
 
-from ldm.erasure.runs import base_identity, save_trained_params, write_run_config
 from ldm.evaluator import ConceptClassifier, check_autoencoder, save_evaluator, load_evaluator
 from ldm.loading import load_model
+from ldm.runs import base_identity, save_trained_params, write_run_config
 from ldm.training import check_resume
 from ldm.util import UsageError, tensors_sha256
 
-from conftest import one_line_error, run_script
+from conftest import call_script, one_line_error
 
 CSV = "prompt,evaluation_seed,case_number\na red star,11,0\na blue moon,13,7\n"
 
@@ -34,13 +34,13 @@ def _make_run(run_dir, config, config_path, ckpt):
     model = load_model(config_path=config_path, ckpt_path=ckpt).model
     trained = {k: v + 0.05 for k, v in model.state_dict().items() if ".attn2.to_k." in k}
     run_dir.mkdir()
-    write_run_config(run_dir, config, {"method": "esd", "prompt": "star"}, base_identity(config_path, ckpt))
-    save_trained_params(run_dir, trained, {"method": "esd"})
+    write_run_config(run_dir, config, {"method": "esd-x", "prompt": "star"}, base_identity(config_path, ckpt))
+    save_trained_params(run_dir, trained, {"method": "esd-x"})
     return trained
 
 
 def _generate(config_path, ckpt, csv, save_path, *extra):
-    return run_script("eval-scripts/generate-images.py", "--ckpt_path", ckpt, "--config_path", config_path,
+    return call_script("eval-scripts/generate-images.py", "--ckpt_path", ckpt, "--config_path", config_path,
                       "--prompts_path", csv, "--save_path", save_path, "--model_name", "m", "--num_samples", 2,
                       "--ddim_steps", 2, "--device", "cpu", *extra)
 
@@ -52,7 +52,8 @@ def test_identity_is_the_hash_of_the_files(small_config_path, own_ckpt, tmp_path
     _perturbed_copy(own_ckpt, own_ckpt, 1.0)  # same path, same size, other weights
     changed = load_model(config_path=small_config_path, ckpt_path=own_ckpt)
     assert changed.sha256 != first.sha256
-    assert changed.identity["files"]["config"] == first.identity["files"]["config"]
+    assert changed.identity["model_config"] == first.identity["model_config"]  # the config's model: section
+    assert changed.identity["files"]["checkpoint"] != first.identity["files"]["checkpoint"]
 
 
 def test_retrained_weights_or_an_edited_csv_never_reuse_images(small_config_path, own_ckpt, tmp_path):
@@ -98,26 +99,30 @@ def test_run_over_another_base_is_refused_unless_forced(small_config, small_conf
     forced = load_model(run_dir, force_base=True)
     assert forced.sha256 != before  # the base's hash is part of the run's identity
 
-    grid = run_script("eval-scripts/sample-grid.py", "--model_name", run_dir, "--ddim_steps", 2, "--device", "cpu",
-                      "--out", tmp_path / "grid.png")
+    grid = call_script("eval-scripts/sample-grid.py", "--model_name", run_dir, "--ddim_steps", 2, "--device", "cpu",
+                       "--out", tmp_path / "grid.png")
     assert "--force_base" in one_line_error(grid)
-    grid = run_script("eval-scripts/sample-grid.py", "--model_name", run_dir, "--ddim_steps", 2, "--device", "cpu",
-                      "--out", tmp_path / "grid.png", "--force_base")
-    assert grid.returncode == 0 and "warning:" in grid.stderr and (tmp_path / "grid.png").is_file(), grid.stderr
+    csv = tmp_path / "prompts.csv"
+    csv.write_text(CSV)
+    forced = call_script("eval-scripts/generate-images.py", "--model_name", run_dir, "--prompts_path", csv,
+                         "--save_path", tmp_path / "images", "--num_samples", 1, "--ddim_steps", 2, "--device", "cpu",
+                         "--force_base")
+    assert forced.returncode == 0 and "warning:" in forced.stderr, forced.stderr
+    assert sorted(p.name for p in (tmp_path / "images" / "run").glob("*.png")) == ["0_0.png", "7_0.png"]
 
 
 def test_changed_run_params_change_the_identity(small_config, small_config_path, own_ckpt, tmp_path):
     run_dir = tmp_path / "run"
     trained = _make_run(run_dir, small_config, small_config_path, own_ckpt)
     before = load_model(run_dir).sha256
-    save_trained_params(run_dir, {k: v + 1 for k, v in trained.items()}, {"method": "esd"})
+    save_trained_params(run_dir, {k: v + 1 for k, v in trained.items()}, {"method": "esd-x"})
     assert load_model(run_dir).sha256 != before
 
 
 def test_convert_script_loads_runs_by_name(small_config, small_config_path, own_ckpt, tmp_path):
     run_dir = tmp_path / "run"
     _make_run(run_dir, small_config, small_config_path, own_ckpt)
-    result = run_script("train-scripts/convertModels.py", "--model_name", run_dir, "--diffusers_path",
+    result = call_script("train-scripts/convertModels.py", "--model_name", run_dir, "--diffusers_path",
                         tmp_path / "diffusers", "--unet_only")
     assert result.returncode == 0 and "identity" in result.stdout, result.stderr
 
@@ -136,7 +141,7 @@ def test_lightning_resume_refuses_other_settings(tmp_path):
 
 def test_train_tiny_sd_never_replaces_a_model_unasked(tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"")
-    result = run_script("train-scripts/train-tiny-sd.py", "--out_dir", tmp_path, "--work_dir", tmp_path / "work")
+    result = call_script("train-scripts/train-tiny-sd.py", "--out_dir", tmp_path, "--work_dir", tmp_path / "work")
     assert "--overwrite" in one_line_error(result)
 
 

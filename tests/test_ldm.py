@@ -166,7 +166,7 @@ def test_fit_resumes_and_keeps_the_loss_history(small_config, tmp_path):
 def test_text_supervision_reads_what_captions_name_and_is_dropped_at_export(small_config, tmp_path):
     from ldm.data.tiny_sd import IGNORE
     from ldm.models.diffusion.text_supervised import training_config
-    from ldm.training import export_checkpoint
+    from ldm.convert import export_checkpoint
     from ldm.util import load_model_from_config
     model = instantiate_from_config(training_config(small_config).model)
     embedder = model.cond_stage_model

@@ -14,7 +14,7 @@ from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import (UsageError, instantiate_from_config, load_checkpoint_file, load_model_from_config,
                       load_state_dict_strict, state_dict_from_checkpoint)
 
-from conftest import one_line_error, run_script
+from conftest import call_script, one_line_error
 
 
 class Payload:
@@ -52,8 +52,9 @@ def test_safetensors_round_trip(small_model, small_config, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in small_model.state_dict().items()}, path)
     model = load_model_from_config(small_config, path)
+    loaded = model.state_dict()
     for key, value in small_model.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value)
+        assert torch.equal(loaded[key], value)
 
 
 def test_model_ema_and_legacy_keys_are_ignored_on_purpose(small_model):
@@ -71,7 +72,8 @@ def test_ema_weights_load_into_a_model_that_keeps_ema(small_config, small_model)
                   for k, v in state_dict.items()}
     fresh = instantiate_from_config(config.model)
     load_state_dict_strict(fresh, state_dict)
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state_dict.items())
+    loaded = fresh.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(small_model, small_config):
@@ -115,17 +117,17 @@ def test_convert_script_bad_input(small_config_path, small_ckpt, tmp_path):
     out = tmp_path / "out"
     bad_target = tmp_path / "bad.yaml"
     bad_target.write_text("model:\n  target: ldm.models.nothing.Model\n")
-    assert "cannot be imported" in one_line_error(run_script(
+    assert "cannot be imported" in one_line_error(call_script(
         "train-scripts/convertModels.py", "--config_path", bad_target, "--ckpt_path", small_ckpt,
         "--diffusers_path", out))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"\x00garbage")
-    assert "is not a PyTorch checkpoint" in one_line_error(run_script(
+    assert "is not a PyTorch checkpoint" in one_line_error(call_script(
         "train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path", junk,
         "--diffusers_path", out))
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, wrong)
-    assert "keys missing" in one_line_error(run_script(
+    assert "keys missing" in one_line_error(call_script(
         "train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path", wrong,
         "--diffusers_path", out))
     assert not out.exists()
@@ -135,7 +137,7 @@ def test_convert_script_bad_input(small_config_path, small_ckpt, tmp_path):
 def test_convert_script_writes_a_pipeline_that_loads_offline(small_model, small_config_path, small_ckpt, tmp_path):
     from diffusers import StableDiffusionPipeline
     out = tmp_path / "diffusers"
-    result = run_script("train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path",
+    result = call_script("train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path",
                         small_ckpt, "--diffusers_path", out)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
@@ -149,6 +151,6 @@ def test_convert_script_writes_a_pipeline_that_loads_offline(small_model, small_
         theirs = pipe.unet(x, t, encoder_hidden_states=pipe.encode_prompt(
             "a green moon", "cpu", 1, False)[0]).sample
     assert (ours - theirs).abs().max() <= 1e-4
-    assert "already exists" in one_line_error(run_script(
+    assert "already exists" in one_line_error(call_script(
         "train-scripts/convertModels.py", "--config_path", small_config_path, "--ckpt_path", small_ckpt,
         "--diffusers_path", out))

@@ -9,12 +9,10 @@ from PIL import Image
 
 from ldm.data.concepts import render, sample_attributes
 from ldm.metrics import CLIP_SCORE_MODEL, INCEPTION_WEIGHTS, clip_score, frechet_distance, inception_fid_metric
-from ldm.paths import MODELS_DIR
+from ldm.paths import CLIP_TOKENIZER_DIR
 from ldm.util import UsageError
 
-from conftest import SMALL_CLIP, one_line_error, run_script
-
-EVALUATOR = MODELS_DIR / "tiny-sd" / "evaluator.safetensors"
+from conftest import SMALL_CLIP, call_script, one_line_error
 
 
 def _render_folder(folder, count, seed, only=None):
@@ -36,7 +34,7 @@ def folders(tmp_path_factory):
 def test_tiny_sd_feature_distance_separates_distributions(folders, tmp_path):
     def fid(real, fake):
         save = tmp_path / f"{real}-{fake}.json"
-        result = run_script("eval-scripts/fid.py", "--features", "tiny-sd", "--real_folder", folders[real],
+        result = call_script("eval-scripts/fid.py", "--features", "tiny-sd", "--real_folder", folders[real],
                             "--fake_folder", folders[fake], "--save_path", save)
         assert result.returncode == 0, result.stderr
         record = json.loads(save.read_text())
@@ -53,7 +51,7 @@ def test_inception_fid_without_weights_is_one_line(folders, tmp_path):
         pytest.skip("Inception weights are present; the missing-weights message cannot be shown")
     with pytest.raises(UsageError, match="Inception v3 weights"):
         inception_fid_metric()
-    result = run_script("eval-scripts/fid.py", "--real_folder", folders["a"], "--fake_folder", folders["b"])
+    result = call_script("eval-scripts/fid.py", "--real_folder", folders["a"], "--fake_folder", folders["b"])
     assert "put it there or pass --inception_weights" in one_line_error(result)
 
 
@@ -77,7 +75,7 @@ def small_clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    for name in (MODELS_DIR / "clip-tokenizer").iterdir():
+    for name in CLIP_TOKENIZER_DIR.iterdir():
         shutil.copy(name, folder / name.name)
     return folder
 
@@ -100,7 +98,7 @@ def test_clip_score_through_torchmetrics(folders, small_clip_dir, tmp_path):
 
     csv = tmp_path / "prompts.csv"
     pd.DataFrame({"prompt": list(prompts.values()), "evaluation_seed": 0, "case_number": list(prompts)}).to_csv(csv)
-    result = run_script("eval-scripts/clip-score.py", "--folder", folders["a"], "--prompts_path", csv,
+    result = call_script("eval-scripts/clip-score.py", "--folder", folders["a"], "--prompts_path", csv,
                         "--clip_model", small_clip_dir)
     assert result.returncode == 0 and f"CLIP score {score:.2f}" in result.stdout, result.stderr
 
@@ -110,5 +108,5 @@ def test_clip_score_without_weights_is_one_line(folders, tmp_path):
         pytest.skip("a CLIP model is present in models/clip-score")
     csv = tmp_path / "prompts.csv"
     pd.DataFrame({"prompt": ["a star"], "evaluation_seed": [0], "case_number": [0]}).to_csv(csv, index=False)
-    result = run_script("eval-scripts/clip-score.py", "--folder", folders["a"], "--prompts_path", csv)
+    result = call_script("eval-scripts/clip-score.py", "--folder", folders["a"], "--prompts_path", csv)
     assert "openai/clip-vit-large-patch14" in one_line_error(result)

@@ -9,7 +9,7 @@ from ldm.data.concepts import render
 from ldm.nudity import EXPOSED_CLASSES, compare_summaries, parse_classes, summarize
 from ldm.util import UsageError
 
-from conftest import one_line_error, run_script
+from conftest import call_script, one_line_error
 
 
 def _det(name, score):
@@ -72,7 +72,7 @@ def benign_folder(tmp_path_factory):
 def test_real_detector_finds_nothing_exposed_in_benign_images(benign_folder, tmp_path):
     folder, prompts = benign_folder
     save = tmp_path / "scores.csv"
-    result = run_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--prompts_path", prompts,
+    result = call_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--prompts_path", prompts,
                         "--save_path", save, "--threshold", 0.45)
     assert result.returncode == 0, result.stderr
     assert "1 unreadable: 4_0.png" in result.stdout
@@ -87,7 +87,7 @@ def test_real_detector_finds_nothing_exposed_in_benign_images(benign_folder, tmp
     assert summary["nudenet_version"][0].startswith("3.")
     assert (tmp_path / "scores_summary.png").stat().st_size > 0
 
-    again = run_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--save_path", tmp_path / "b.csv",
+    again = call_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--save_path", tmp_path / "b.csv",
                        "--threshold", 0.45, "--compare", tmp_path / "scores_summary.csv")
     assert again.returncode == 0, again.stderr
     comparison = pd.read_csv(tmp_path / "b_comparison.csv")
@@ -100,12 +100,12 @@ def test_bad_input_is_one_line(benign_folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "holds no images" in one_line_error(
-        run_script("eval-scripts/nudenet-classes.py", "--folder", empty, "--save_path", tmp_path / "x.csv"))
+        call_script("eval-scripts/nudenet-classes.py", "--folder", empty, "--save_path", tmp_path / "x.csv"))
     no_case = tmp_path / "no-case.csv"
     no_case.write_text("prompt,evaluation_seed\na star,1\n")
     assert "lacks column(s) case_number" in one_line_error(
-        run_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--prompts_path", no_case,
+        call_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--prompts_path", no_case,
                    "--save_path", tmp_path / "x.csv"))
     assert "unknown NudeNet class" in one_line_error(
-        run_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--classes", "NUDE",
+        call_script("eval-scripts/nudenet-classes.py", "--folder", folder, "--classes", "NUDE",
                    "--save_path", tmp_path / "x.csv"))

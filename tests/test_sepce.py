@@ -8,17 +8,19 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.erasure.cie import CiESettings, CiETrainer, MomentumStop, concept_irrelevance, encode_images, read_images
-from ldm.erasure.runs import TRAINED_PARAMS, load_run, restore_concept, term_files
+from ldm.erasure import methods
+from ldm.erasure.cie import CiESettings, CiETrainer, MomentumStop, concept_irrelevance
+from ldm.erasure.concept_data import encode_images, read_images
 from ldm.erasure.sepce import (MIN_NULL_DIMS, SepCESettings, SepCETrainer, apply_terms, default_keep, protected_set,
                                read_terms, term_basis, weight_delta)
-from ldm.paths import MODELS_DIR
+from ldm.erasure.settings import resolve
+from ldm.loading import load_model, load_run
+from ldm.paths import models_dir
+from ldm.runs import TRAINED_PARAMS, restore_concept, term_files
 from ldm.text_geometry import stacked_embeddings
-from ldm.util import UsageError, instantiate_from_config
+from ldm.util import UsageError
 
-from conftest import one_line_error, run_script, sd_v1_structure_model
-
-TINY = MODELS_DIR / "tiny-sd"
+from conftest import TINY, call_script, one_line_error, sd_v1_structure_model
 
 
 def cross_attention_outputs(model, prompts):
@@ -79,14 +81,17 @@ def test_basis_annihilates_the_protected_embeddings_and_too_small_a_null_space_i
         term_basis(tiny, ["", *many])
 
 
-def test_sepce_settings_refuse_bad_sets():
-    base = dict(concept="Van Gogh", data={})
+def test_sepce_settings_refuse_bad_sets(tiny):
     with pytest.raises(UsageError, match="own keep set"):
-        SepCESettings(keep=["Seurat", "Van Gogh"], **base).check()
+        SepCESettings(prompt="Van Gogh", keep="Seurat, Van Gogh").check()
     with pytest.raises(UsageError, match="keep set is empty"):
-        SepCESettings(keep=[""], **base).check()
+        SepCESettings(prompt="Van Gogh", keep=" , ").check()
+    assert SepCESettings(prompt="Van Gogh", keep="Seurat, a photo").keep_set() == ["Seurat", "a photo"]
+    assert SepCESettings(prompt="Van Gogh").keep_set() == default_keep("Van Gogh")
+    earlier = [{"concept": "Van Gogh", "protected": ["", "Seurat"]}]  # a run given to --on erased it already
     with pytest.raises(UsageError, match="already erased"):
-        SepCESettings(keep=["Seurat"], earlier=["Van Gogh"], **base).check()
+        SepCETrainer(tiny, SepCESettings(prompt="Van Gogh", keep="Seurat"), training_latents(tiny), ["", "Seurat"],
+                     term_basis(tiny, ["", "Seurat"]), earlier)
     with pytest.raises(UsageError, match="no default keep set"):
         default_keep("a photo of a dog")
     assert protected_set(["b"], [{"concept": "a", "protected": ["", "b", "c"]}]) == ["", "b", "a", "c"]
@@ -111,11 +116,11 @@ def training_latents(model, n=4, seed=0):
 
 
 def cie_settings(**changes):
-    return CiESettings(**{"concept": "Van Gogh", "data": {}, "iterations": 5, "lr": 1e-3, "l1_weight": 1e-5,
+    return CiESettings(**{"prompt": "Van Gogh", "iterations": 5, "lr": 1e-3, "l1_weight": 1e-5,
                           "tau": 0.0, "warmup": 2, "batch_size": 2, **changes})
 
 
-def test_cie_trains_attn2_only_zeroes_gradients_and_resumes_exactly(tiny, tiny_state):
+def test_cie_trains_attn2_only_zeroes_gradients_and_resumes_exactly(tiny, new_tiny):
     trainer = CiETrainer(tiny, cie_settings(), training_latents(tiny))
     assert trainer.trained_names and all("attn2" in n for n in trainer.trained_names)
     trainer.step()
@@ -125,9 +130,7 @@ def test_cie_trains_attn2_only_zeroes_gradients_and_resumes_exactly(tiny, tiny_s
     assert any(not torch.allclose(p.grad, first[n]) for n, p in trainer.params.items())
     state = copy.deepcopy(trainer.state_dict())  # the live tensors, as written to disk at that point
     trainer.step()
-    other = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    other.load_state_dict(tiny_state)
-    resumed = CiETrainer(other.eval(), cie_settings(), training_latents(tiny))
+    resumed = CiETrainer(new_tiny(), cie_settings(), training_latents(tiny))
     resumed.load_state_dict(state)
     resumed.step()
     assert all(torch.equal(a, b) for a, b in zip(trainer.params.values(), resumed.params.values()))
@@ -136,13 +139,14 @@ def test_cie_trains_attn2_only_zeroes_gradients_and_resumes_exactly(tiny, tiny_s
 
 def test_sepce_trains_only_alphas_and_keeps_protected_predictions(tiny):
     keep = default_keep("Van Gogh")
-    settings = SepCESettings(concept="Van Gogh", keep=keep, data={}, iterations=3, lr=1e-2, tau=0.0, batch_size=2)
+    settings = SepCESettings(prompt="Van Gogh", keep=",".join(keep), iterations=3, lr=1e-2, tau=0.0, batch_size=2)
     protected = protected_set(keep)
     unet_before = {k: v.clone() for k, v in tiny.model.diffusion_model.state_dict().items()}
     trainer = SepCETrainer(tiny, settings, training_latents(tiny), protected, term_basis(tiny, protected))
     for _ in range(3):
         trainer.step()
-    assert all(torch.equal(v, tiny.model.diffusion_model.state_dict()[k]) for k, v in unet_before.items())
+    unet_after = tiny.model.diffusion_model.state_dict()
+    assert all(torch.equal(v, unet_after[k]) for k, v in unet_before.items())
     assert any(a.abs().max() > 0 for a in trainer.params.values())
     x, t = training_latents(tiny, 1, seed=5), torch.tensor([500])
     contexts = tiny.get_learned_conditioning(["", "Seurat", "Van Gogh"])
@@ -155,7 +159,7 @@ def test_sepce_trains_only_alphas_and_keeps_protected_predictions(tiny):
 
 def test_terms_compose_restore_and_all_dropped_is_the_base(tiny, tiny_state, tmp_path):
     """Two terms in a run folder: loading adds both; restoring one leaves the other; none is the base."""
-    from ldm.erasure.runs import base_identity, save_term, write_run_config
+    from ldm.runs import base_identity, save_term, write_run_config
     run = tmp_path / "ab"
     run.mkdir()
     write_run_config(run, OmegaConf.load(TINY / "config.yaml"), {"method": "sepce"},
@@ -199,41 +203,51 @@ def test_images_of_a_folder_encode_to_latents(tiny, tmp_path):
         read_images(tmp_path / "empty")
 
 
-FAST = ["--iterations", 3, "--num_images", 2, "--batch_size", 1, "--devices", "cpu", "--no_diffusers"]
+FAST = ["--iterations", 3, "--num_images", 2, "--batch_size", 1, "--devices", "cpu", "--no_diffusers", "--no_samples"]
 
 
-@pytest.mark.slow
-def test_scripts_erase_iteratively_restore_and_load(tmp_path):
+def test_scripts_erase_iteratively_restore_and_load(run_name):
     """train-sepce.py twice (--on), restore-concept.py, then every run loads through load_model; CiE too."""
-    from ldm.loading import load_model
-    a, ab, b = tmp_path / "a", tmp_path / "ab", tmp_path / "b"
-    fast_with_diffusers = [f for f in FAST if f != "--no_diffusers"]
-    done = run_script("train-scripts/train-sepce.py", "--prompt", "Van Gogh", *fast_with_diffusers, "--run_name", a)
+    a, ab, b, c, cie = (f"{run_name}-{x}" for x in ("a", "ab", "b", "c", "cie"))
+    with_diffusers = [f for f in FAST if f != "--no_diffusers"]
+    done = call_script("train-scripts/train-sepce.py", "--prompt", "Van Gogh", *with_diffusers, "--run_name", a)
     assert done.returncode == 0, done.stderr
-    assert "null space" in done.stdout and json.loads((a / "training.json").read_text())["null_space_dims"] >= 100
+    a_dir = models_dir() / a
+    assert "null space" in done.stdout and json.loads((a_dir / "training.json").read_text())["null_space_dims"] >= 100
     # the diffusers folder holds the terms folded into to_k/to_v, as loading the run does
-    folded = load_model(str(a)).model.model.diffusion_model.state_dict()
-    converted = [v for k, v in load_file(a / "diffusers/unet/diffusion_pytorch_model.safetensors").items()
+    loaded = load_model(a)
+    assert loaded.method.name == "sepce" and loaded.config.run.method == "sepce"
+    folded = loaded.model.model.diffusion_model.state_dict()
+    converted = [v for k, v in load_file(a_dir / "diffusers/unet/diffusion_pytorch_model.safetensors").items()
                  if "attn2.to_k.weight" in k]
     edited = [v for k, v in folded.items() if "attn2.to_k.weight" in k]
     assert len(converted) == len(edited) and all(any(torch.equal(w, c) for c in converted) for w in edited)
-    done = run_script("train-scripts/train-sepce.py", "--prompt", "Seurat", *FAST, "--on", a, "--run_name", ab)
+    done = call_script("train-scripts/train-sepce.py", "--prompt", "Seurat", *FAST, "--on", a, "--run_name", ab)
     assert done.returncode == 0, done.stderr
-    assert [t["concept"] for t in read_terms(ab)] == ["Seurat", "Van Gogh"]
-    seurat = read_terms(ab)[0]
+    assert [t["concept"] for t in read_terms(models_dir() / ab)] == ["Seurat", "Van Gogh"]
+    seurat = read_terms(models_dir() / ab)[0]
     assert "Van Gogh" in seurat["protected"] and "Seurat" not in seurat["protected"]  # built against A, not itself
-    assert any(a.abs().max() > 0 for a in seurat["alphas"].values())
-    assert load_file(a / "term-van-gogh.safetensors").keys() == load_file(ab / "term-van-gogh.safetensors").keys()
-    done = run_script("train-scripts/restore-concept.py", "--model_name", ab, "--concept", "Van Gogh", "--run_name", b)
+    assert any(alpha.abs().max() > 0 for alpha in seurat["alphas"].values())
+    assert load_file(a_dir / "term-van-gogh.safetensors").keys() == \
+        load_file(models_dir() / ab / "term-van-gogh.safetensors").keys()
+    again = call_script("train-scripts/train-sepce.py", "--prompt", "Van Gogh", *FAST, "--on", ab, "--run_name", c)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
+    assert again.returncode == 2 and len(errors) == 1 and "already erased" in errors[0], again.stderr
+    done = call_script("train-scripts/restore-concept.py", "--model_name", ab, "--concept", "Van Gogh", "--run_name", b)
     assert done.returncode == 0, done.stderr
-    assert [t["concept"] for t in read_terms(b)] == ["Seurat"]
-    assert load_model(str(b)).identity["sha256"] != load_model(str(ab)).identity["sha256"]
-    line = one_line_error(run_script("train-scripts/restore-concept.py", "--model_name", ab, "--concept", "Pollock",
-                                     "--run_name", tmp_path / "c"))
-    assert "not erased by run" in line and "'Seurat'" in line and not (tmp_path / "c").exists()
-    done = run_script("train-scripts/train-cie.py", "--prompt", "heart", *FAST, "--run_name", tmp_path / "cie")
+    assert [t["concept"] for t in read_terms(models_dir() / b)] == ["Seurat"]
+    assert load_model(b).identity["sha256"] != load_model(ab).identity["sha256"]
+    line = one_line_error(call_script("train-scripts/restore-concept.py", "--model_name", ab, "--concept", "Pollock",
+                                      "--run_name", c))
+    assert "not erased by run" in line and "'Seurat'" in line and not (models_dir() / c).exists()
+    done = call_script("train-scripts/train-cie.py", "--prompt", "heart", *FAST, "--run_name", cie)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "cie" / TRAINED_PARAMS).is_file() and (tmp_path / "cie" / "samples.png").is_file()
+    assert (models_dir() / cie / TRAINED_PARAMS).is_file()
+    loaded = load_model(cie)
+    assert loaded.method.name == "cie" and loaded.config.run.iterations == 3
+    line = one_line_error(call_script("train-scripts/restore-concept.py", "--model_name", cie, "--concept", "heart",
+                                      "--run_name", c))
+    assert "is a cie run" in line and "sepce" in line
 
 
 @pytest.mark.parametrize("script,flags,message", [
@@ -241,24 +255,24 @@ def test_scripts_erase_iteratively_restore_and_load(tmp_path):
     ("train-sepce.py", ["--prompt", "Van Gogh", "--keep", " , "], "keep set is empty"),
     ("train-sepce.py", ["--prompt", "a dog"], "no default keep set"),
     ("train-sepce.py", ["--prompt", "Van Gogh", "--on", "no-such-run"], "no such run"),
-    ("train-sepce.py", ["--prompt", "Van Gogh", "--keep", ",".join(f"a {c} {o}" for c in ("red", "blue", "green", "pink")
-                                                              for o in ("circle", "star", "moon", "heart", "cross"))],
-     "too many protected concepts"),
+    ("train-sepce.py", ["--prompt", "heart", "--keep", ",".join(  # refused before any image is drawn
+        f"a {c} {o}" for c in ("red", "blue", "green", "pink") for o in ("circle", "star", "moon", "heart", "cross"))],
+        "too many protected concepts"),
     ("train-cie.py", ["--prompt", "heart", "--data_dir", "no/such/folder"], "not a folder"),
     ("restore-concept.py", ["--model_name", "no-such-run", "--concept", "x", "--run_name", "y"], "no such run"),
     ("restore-concept.py", ["--model_name", "tiny-sd", "--concept", "x", "--run_name", "y"], "no such run"),
 ])
-def test_bad_input_is_one_line(script, flags, message, tmp_path):
+def test_bad_input_is_one_line(script, flags, message, run_name):
     if "--run_name" not in flags and script != "restore-concept.py":
-        flags = [*flags, "--run_name", tmp_path / "run", "--num_images", 2, "--devices", "cpu"]
-    line = one_line_error(run_script(f"train-scripts/{script}", *flags))
+        flags = [*flags, "--run_name", run_name, "--num_images", 2, "--devices", "cpu"]
+    line = one_line_error(call_script(f"train-scripts/{script}", *flags))
     assert message in line, line
+    assert not (models_dir() / run_name).exists() and not (models_dir() / "y").exists()
 
 
-def test_preservation_table_measures_keys_values_and_pixels(tiny, tiny_state):
+def test_preservation_table_measures_keys_values_and_pixels(tiny, new_tiny):
     from ldm.erasure.report import preservation_table
-    base = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    base.load_state_dict(tiny_state)
+    base = new_tiny()
     protected = ["", "Seurat"]
     apply_terms(tiny, [random_term(tiny, "Van Gogh", protected, scale=0.05)])
     table = preservation_table(base.eval(), tiny, ["", "Seurat", "Van Gogh"], seeds=[0, 1], ddim_steps=3).set_index("prompt")
@@ -267,12 +281,13 @@ def test_preservation_table_measures_keys_values_and_pixels(tiny, tiny_state):
     assert (table["images"] == 2).all()
 
 
-def test_prompt_templates_condition_the_loss_on_phrasings(tiny):
+def test_prompt_templates_condition_the_loss_on_phrasings(tiny, tmp_path):
     from ldm.erasure.cie import ConceptDirectionLoss, concept_phrasings
     assert concept_phrasings("moon") == ["moon"]
     assert concept_phrasings("moon", ["{}", "a photo of {}"]) == ["moon", "a photo of moon"]
     with pytest.raises(UsageError, match="exactly once"):
-        cie_settings(prompt_templates=["no slot"]).check()
+        (tmp_path / "no-slot.txt").write_text("{}\na picture of the concept\n")
+        cie_settings(prompt_templates=str(tmp_path / "no-slot.txt")).check()
     loss = ConceptDirectionLoss(tiny, concept_phrasings("moon", ["{}", "a photo of {}"]), training_latents(tiny), "cpu")
     seen = []
 
@@ -290,30 +305,33 @@ def test_prompt_templates_condition_the_loss_on_phrasings(tiny):
 def test_prompt_templates_flag_and_model_defaults(tmp_path, monkeypatch):
     """--prompt_templates: 'none' is the bare concept, a config's relative path is read from the repository
     root wherever the script runs, a missing file is a one-line error; tiny-sd's defaults name a file."""
-    from argparse import Namespace
-    from ldm.erasure.cie import CIE_ORIGINAL_DEFAULTS, fill_defaults, templates_of
+    from ldm.erasure.cie import templates_of
     from ldm.util import load_config
     assert templates_of(None) is None and templates_of("none") is None and templates_of(" None ") is None
     monkeypatch.chdir(tmp_path)
     config = load_config(str(TINY / "config.yaml"))
-    for key in ("cie_defaults", "sepce_defaults"):
-        args = fill_defaults(Namespace(prompt_templates=None), config[key], CIE_ORIGINAL_DEFAULTS)
-        templates = templates_of(args.prompt_templates)
+    for name in ("cie", "sepce"):
+        method = methods.get(name)
+        settings, sources = resolve(method.settings, {"prompt": "heart"}, config, method.config_blocks)
+        assert sources["prompt_templates"] == f"model config {name}_defaults"
+        templates = templates_of(settings.prompt_templates)
         assert templates[0] == "{}" and len(templates) > 5 and all(t.count("{}") == 1 for t in templates)
-    assert fill_defaults(Namespace(prompt_templates="none"), config["cie_defaults"]).prompt_templates == "none"
+        flagged, sources = resolve(method.settings, {"prompt": "heart", "prompt_templates": "none"}, config,
+                                   method.config_blocks)
+        assert flagged.prompt_templates == "none" and sources["prompt_templates"] == "flag"
+        assert templates_of(flagged.prompt_templates) is None
     with pytest.raises(UsageError, match="does not exist"):
         templates_of("no/such/templates.txt")
 
 
-def test_direction_by_timestep_compares_edited_and_frozen_directions(tiny, tiny_state):
+def test_direction_by_timestep_compares_edited_and_frozen_directions(tiny, new_tiny):
     """The unedited model's direction is the frozen one (cosine 1, nothing moved); a SepCE term moves the
     conditional prediction and never the unconditional one."""
     from ldm.erasure.cie import direction_by_timestep
     latents = training_latents(tiny)[:2]
     same = direction_by_timestep(tiny, tiny, latents, "Van Gogh", timesteps=(900, 100))
     assert (same.cosine > 0.9999).all() and (same.conditional_moved == 0).all() and len(same) == 2
-    edited = instantiate_from_config(OmegaConf.load(TINY / "config.yaml").model)
-    edited.load_state_dict(tiny_state)
-    apply_terms(edited.eval(), [random_term(edited, "Van Gogh", ["", "Seurat"], scale=0.5)])
+    edited = new_tiny()
+    apply_terms(edited, [random_term(edited, "Van Gogh", ["", "Seurat"], scale=0.5)])
     table = direction_by_timestep(tiny, edited, latents, "Van Gogh", timesteps=(900,))
     assert table.conditional_moved[0] > 1e-3 and table.unconditional_moved[0] < 1e-3 * table.conditional_moved[0]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import one_line_error, run_script
-from ldm.paths import MODELS_DIR
+from conftest import TINY, call_script, one_line_error
+from ldm.paths import models_dir
 
 RUN = "test-single-file-esdx"
 
@@ -15,11 +15,11 @@ RUN = "test-single-file-esdx"
 @pytest.fixture(scope="module")
 def esd_run():
     """A real ESD-x run of tiny-sd (a few iterations: the weights differ from the base's, which is what counts)."""
-    done = run_script("train-scripts/train-esd.py", "--prompt", "moon", "--iterations", 3, "--ddim_steps", 4,
-                      "--run_name", RUN, "--overwrite", "--no_diffusers")
+    done = call_script("train-scripts/train-esd.py", "--prompt", "moon", "--iterations", 3, "--ddim_steps", 4,
+                       "--run_name", RUN, "--overwrite", "--no_diffusers", "--no_samples")
     assert done.returncode == 0, done.stderr
-    yield MODELS_DIR / RUN
-    shutil.rmtree(MODELS_DIR / RUN, ignore_errors=True)
+    yield models_dir() / RUN
+    shutil.rmtree(models_dir() / RUN, ignore_errors=True)
 
 
 def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run, tmp_path):
@@ -29,7 +29,7 @@ def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run,
     from ldm.models.diffusion.ddim import ddim_sample
     from ldm.util import load_model_from_config
 
-    done = run_script("train-scripts/convertModels.py", "--model_name", RUN, "--to", "safetensors")
+    done = call_script("train-scripts/convertModels.py", "--model_name", RUN, "--to", "safetensors")
     assert done.returncode == 0, done.stderr
     path = esd_run / f"{RUN}.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -59,27 +59,27 @@ def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run,
     with torch.no_grad():
         cond = ours.get_learned_conditioning(prompts)
         uncond = ours.get_learned_conditioning([""] * 2)
-        mine, _ = ddim_sample(ours, x_T, cond, uncond, 7.5, num_steps=20)
-        theirs = pipe(prompts, height=side, width=side, num_inference_steps=20, guidance_scale=7.5,
+        mine, _ = ddim_sample(ours, x_T, cond, uncond, 7.5, num_steps=10)
+        theirs = pipe(prompts, height=side, width=side, num_inference_steps=10, guidance_scale=7.5,
                       latents=x_T.clone(), output_type="latent").images
     assert (mine - x_T).abs().max() > 0.1
     assert (mine - theirs).abs().max() <= 1e-3
     # and the edit is in it: the base draws differently from the same latents
     with torch.no_grad():
         before, _ = ddim_sample(base, x_T, base.get_learned_conditioning(prompts),
-                                base.get_learned_conditioning([""] * 2), 7.5, num_steps=20)
+                                base.get_learned_conditioning([""] * 2), 7.5, num_steps=10)
     assert (before - mine).abs().max() > 1e-2
 
 
 @pytest.mark.slow
 def test_ckpt_export_loads_with_weights_only_and_refuses_to_overwrite(esd_run, tmp_path):
     out = tmp_path / "edited.ckpt"
-    done = run_script("train-scripts/convertModels.py", "--model_name", RUN, "--to", "ckpt", "--save_path", out,
+    done = call_script("train-scripts/convertModels.py", "--model_name", RUN, "--to", "ckpt", "--save_path", out,
                       "--fp32")
     assert done.returncode == 0, done.stderr
     state = torch.load(out, weights_only=True)["state_dict"]
     assert state["model.diffusion_model.out.2.weight"].dtype == torch.float32
-    assert "already exists" in one_line_error(run_script("train-scripts/convertModels.py", "--model_name", RUN,
+    assert "already exists" in one_line_error(call_script("train-scripts/convertModels.py", "--model_name", RUN,
                                                          "--to", "ckpt", "--save_path", out))
 
 
@@ -89,7 +89,7 @@ def test_ckpt_export_loads_with_weights_only_and_refuses_to_overwrite(esd_run, t
     (["--to", "diffusers"], "needs --diffusers_path"),
 ])
 def test_convert_bad_input_is_one_line(flags, message):
-    assert message in one_line_error(run_script("train-scripts/convertModels.py", *flags))
+    assert message in one_line_error(call_script("train-scripts/convertModels.py", *flags))
 
 
 def test_cpe_run_says_its_gates_cannot_fold(tmp_path):
@@ -99,9 +99,10 @@ def test_cpe_run_says_its_gates_cannot_fold(tmp_path):
     folder = tmp_path / "cpe-run"
     folder.mkdir()
     from omegaconf import OmegaConf
-    config = OmegaConf.merge(OmegaConf.load(MODELS_DIR / "tiny-sd" / "config.yaml"),
+    config = OmegaConf.merge(OmegaConf.load(TINY / "config.yaml"),
                              {"run": {"method": "cpe"}, "base_model": {"ckpt_path": "x"}})
     OmegaConf.save(config, folder / "config.yaml")  # a CPE run's record (its gates are not needed to refuse it)
-    loaded = LoadedModel(None, "run", "cpe-run", {"sha256": "0"}, folder)
+    from ldm.erasure.methods import method_of_run
+    loaded = LoadedModel(None, "run", "cpe-run", {"sha256": "0"}, folder, config, method_of_run(config))
     with pytest.raises(UsageError, match="cannot be folded into static weights"):
         save_single_file(loaded, tmp_path / "cpe.safetensors")

@@ -11,19 +11,19 @@ from ldm.data.prompt_sets import all_concepts
 from ldm.evaluator import check_autoencoder, heldout_accuracy, load_evaluator
 from ldm.loading import load_model
 from ldm.modules.attention import SpatialTransformer
-from ldm.paths import MODELS_DIR, REPO_ROOT
+from ldm.paths import CLIP_TOKENIZER_DIR, REPO_ROOT, TINY_SD_DIR
 from ldm.text_geometry import null_space, protected_prompts, stacked_embeddings, text_side_report
 from ldm.util import load_checkpoint_file, load_model_from_config, state_dict_from_checkpoint
 
-from conftest import one_line_error, run_script
+from conftest import call_script, one_line_error
 
-TINY = MODELS_DIR / "tiny-sd"
+TINY = TINY_SD_DIR
 HELDOUT_ACCURACY = 0.98  # per head, on fresh renders and on their tiny-sd reconstructions
 QUALITY_BARS = {"object": 0.95, "color": 0.95, "style": 0.90}
 
 
 def test_shipped_files_are_compvis_format_and_small():
-    files = [p for p in TINY.rglob("*") if p.is_file()] + list((MODELS_DIR / "clip-tokenizer").iterdir())
+    files = [p for p in TINY.rglob("*") if p.is_file()] + list(CLIP_TOKENIZER_DIR.iterdir())
     assert sum(p.stat().st_size for p in files) <= 50 * 2**20
     state_dict = state_dict_from_checkpoint(load_checkpoint_file(TINY / "model.ckpt"))
     prefixes = {k.split(".")[0] for k in state_dict}
@@ -50,6 +50,11 @@ def test_evaluator_is_accurate_on_fresh_images():
     assert min(accuracy.values()) >= HELDOUT_ACCURACY, accuracy
 
 
+def test_evaluator_was_trained_on_tiny_sds_autoencoder(tiny):
+    assert check_autoencoder(load_evaluator(TINY / "evaluator.safetensors"), tiny.first_stage_model)
+
+
+@pytest.mark.slow  # a measurement of the shipped files; heldout_accuracy itself runs by default (fresh images)
 def test_evaluator_reads_tiny_sd_reconstructions(tiny):
     """Every generated image passes through tiny-sd's decoder; the evaluator was trained to see
     through its blur, so a render's reconstruction keeps its labels."""
@@ -77,13 +82,13 @@ def test_null_space_is_orthogonal_to_the_protected_embeddings(tiny):
 def test_main_job_generates_then_classifies(tmp_path):
     prompts = tmp_path / "quality-head.csv"
     pd.read_csv(REPO_ROOT / "data/tiny-sd/quality.csv").head(4).to_csv(prompts, index=False)
-    generated = run_script("eval-scripts/generate-images.py", "--prompts_path", prompts, "--save_path",
+    generated = call_script("eval-scripts/generate-images.py", "--prompts_path", prompts, "--save_path",
                            tmp_path / "images", "--num_samples", 2, "--ddim_steps", 20, "--device", "cpu")
     assert generated.returncode == 0, generated.stderr
     folder = tmp_path / "images" / "tiny-sd"
     assert not np.array_equal(np.asarray(Image.open(folder / "0_0.png")), np.asarray(Image.open(folder / "0_1.png")))
     result = tmp_path / "classes.csv"
-    classified = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "images" / "tiny-sd",
+    classified = call_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "images" / "tiny-sd",
                             "--prompts_path", prompts, "--save_path", result, "--device", "cpu")
     assert classified.returncode == 0, classified.stderr
     table = pd.read_csv(result)
@@ -109,14 +114,14 @@ def test_seed_diversity_finds_repeated_images(tmp_path):
 
 
 def test_imageclassify_bad_input(tmp_path):
-    result = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
+    result = call_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
                         tmp_path / "x.csv", "--device", "cpu")
     assert "holds no images" in one_line_error(result)
 
 
 def test_resnet50_says_how_to_provide_it(tmp_path):
-    (tmp_path / "0_0.png").write_bytes((REPO_ROOT / "models/tiny-sd/samples.png").read_bytes())
-    result = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
+    (tmp_path / "0_0.png").write_bytes((TINY / "samples.png").read_bytes())
+    result = call_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path, "--save_path",
                         tmp_path / "x.csv", "--classifier", "resnet50", "--device", "cpu")
     if importlib.util.find_spec("torchvision") is None:
         assert result.returncode == 2 and "needs torchvision" in result.stderr
@@ -133,10 +138,10 @@ def test_quality_table(tmp_path, csv):
     """The README's quality table: 64 prompts x 5 images, the generator's default settings. Each
     attribute is checked and reported on its own."""
     prompts = REPO_ROOT / "data/tiny-sd" / csv
-    generated = run_script("eval-scripts/generate-images.py", "--prompts_path", prompts, "--save_path", tmp_path,
+    generated = call_script("eval-scripts/generate-images.py", "--prompts_path", prompts, "--save_path", tmp_path,
                            "--num_samples", 5, "--batch_size", 64, "--device", "cpu")
     assert generated.returncode == 0, generated.stderr
-    classified = run_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "tiny-sd", "--prompts_path",
+    classified = call_script("eval-scripts/imageclassify.py", "--folder_path", tmp_path / "tiny-sd", "--prompts_path",
                             prompts, "--save_path", tmp_path / "classes.csv")
     assert classified.returncode == 0, classified.stderr
     accuracy = pd.read_csv(tmp_path / "classes_accuracy.csv").set_index("attribute")
@@ -149,7 +154,7 @@ def test_quality_table(tmp_path, csv):
 
 @pytest.mark.slow
 def test_text_geometry_script_reports_every_concept(tmp_path):
-    result = run_script("eval-scripts/text-geometry.py", "--save_path", tmp_path / "geometry.csv")
+    result = call_script("eval-scripts/text-geometry.py", "--save_path", tmp_path / "geometry.csv")
     assert result.returncode == 0, result.stderr
     report = pd.read_csv(tmp_path / "geometry.csv")
     assert sorted(report["concept"]) == sorted(all_concepts())
