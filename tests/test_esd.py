@@ -269,6 +269,21 @@ def test_script_erases_resumes_and_refuses_to_overwrite(run_name, tmp_path):
     assert resumed.keys() == trained.keys() and all(torch.equal(resumed[k], trained[k]) for k in trained)
 
 
+def test_erase_py_esd_u_trains_all_but_cross_attention(run_name):
+    """erase.py --method esd-u: the run records its registry name and, loaded, differs from the base outside
+    cross-attention, time embedding and output layers only."""
+    done = call_script("train-scripts/erase.py", "--method", "esd-u", "--prompt", "moon", "--iterations", 2,
+                       "--ddim_steps", 2, "--lr", 1e-3, "--run_name", run_name, "--devices", "cpu", "--no_diffusers",
+                       "--no_samples")
+    assert done.returncode == 0, done.stderr
+    loaded = load_model(run_name)
+    assert loaded.method.name == "esd-u" and loaded.config.run.train_method == "noxattn"
+    base = load_model_from_config(TINY / "config.yaml", TINY / "model.ckpt").state_dict()
+    differ = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, base[k])}
+    assert differ and all(k.startswith("model.diffusion_model.") for k in differ)
+    assert not any(".attn2." in k or "time_embed" in k or ".diffusion_model.out." in k for k in differ)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--train_method", "attention"], "unknown; use one of"),
     (["--train_method", "xlayer"], "selects no parameters"),

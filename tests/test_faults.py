@@ -1,6 +1,5 @@
 """Faults and bad input a user meets: each refused in one line or recovered, nothing lost, nothing written or
 run outside where it belongs."""
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,25 +11,17 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.erasure import erase
 from ldm.loading import load_model
 from ldm.paths import REPO_ROOT, models_dir
 from ldm.runs import RESUME_STATE, finish_run_dir, partial_folder, prepare_run_dir
 from ldm.util import UsageError, load_config, load_model_from_config
 
-from conftest import TINY
-from test_registry import call, one_line
+from conftest import TINY, call_script, one_line_error
 
+ERASE = "train-scripts/erase.py"
 FAST_ESD = ["--method", "esd-x", "--prompt", "moon", "--iterations", 1, "--ddim_steps", 2, "--no_diffusers",
             "--no_samples"]
 TORN = [*FAST_ESD, "--iterations", 3, "--lr", 1e30]  # the loss is no longer finite after the first step
-
-
-def script(path):
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_").replace("-", "_"), REPO_ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.parametrize("name", ["../victim", "/tmp/elsewhere", "my run/sub dir", "..", ".hidden/x"])
@@ -38,7 +29,7 @@ def test_a_run_name_is_one_folder_inside_the_models_folder(name):
     victim = models_dir().parent / "victim"
     victim.mkdir(exist_ok=True)
     (victim / "keep.txt").write_text("no run wrote me")
-    line = one_line(*call(erase.main, *FAST_ESD, "--run_name", name, "--overwrite")[::2])
+    line = one_line_error(call_script(ERASE, *FAST_ESD, "--run_name", name, "--overwrite"))
     assert "one folder name" in line
     assert (victim / "keep.txt").read_text() == "no run wrote me"
 
@@ -47,21 +38,21 @@ def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_is_complete():
     stray = models_dir() / "not-a-run"
     stray.mkdir(parents=True, exist_ok=True)
     (stray / "notes.txt").write_text("mine")
-    assert "not a run folder" in one_line(*call(erase.main, *FAST_ESD, "--run_name", "not-a-run", "--overwrite")[::2])
+    assert "not a run folder" in one_line_error(call_script(ERASE, *FAST_ESD, "--run_name", "not-a-run", "--overwrite"))
     assert (stray / "notes.txt").read_text() == "mine"
 
-    assert call(erase.main, *FAST_ESD, "--run_name", "swap")[0] == 0
+    assert call_script(ERASE, *FAST_ESD, "--run_name", "swap").returncode == 0
     old = load_model("swap").sha256
     building = prepare_run_dir("swap", overwrite=True)  # an overwrite in progress (or killed) ...
     assert building == partial_folder(models_dir() / "swap") and load_model("swap").sha256 == old  # ... leaves the old
     shutil.rmtree(building)
-    assert call(erase.main, *FAST_ESD, "--lr", 2e-3, "--run_name", "swap", "--overwrite")[0] == 0
+    assert call_script(ERASE, *FAST_ESD, "--lr", 2e-3, "--run_name", "swap", "--overwrite").returncode == 0
     assert load_model("swap").sha256 != old and not partial_folder(models_dir() / "swap").exists()
 
 
 def test_a_second_erase_of_a_name_being_erased_is_refused():
     prepare_run_dir("busy")  # what a running (or killed) erase holds
-    assert "was interrupted or is running" in one_line(*call(erase.main, *FAST_ESD, "--run_name", "busy")[::2])
+    assert "was interrupted or is running" in one_line_error(call_script(ERASE, *FAST_ESD, "--run_name", "busy"))
 
 
 def test_a_config_naming_other_code_is_refused_unless_trusted(tmp_path, monkeypatch):
@@ -72,8 +63,8 @@ def test_a_config_naming_other_code_is_refused_unless_trusted(tmp_path, monkeypa
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, folder / "config.yaml")
     shutil.copyfile(TINY / "model.ckpt", folder / "model.ckpt")
-    line = one_line(*call(script("eval-scripts/generate-images.py"), "--model_name", "downloaded", "--prompts_path",
-                          REPO_ROOT / "data/tiny-sd/quality.csv", "--save_path", tmp_path)[::2])
+    line = one_line_error(call_script("eval-scripts/generate-images.py", "--model_name", "downloaded", "--prompts_path",
+                          REPO_ROOT / "data/tiny-sd/quality.csv", "--save_path", tmp_path))
     assert "'subprocess.run' is not one of this project's model classes" in line and not marker.exists()
     for target in ("ldm.util.get_obj_from_str", "ldm.leaderboard.run_child", "os.system"):
         config.model.params.cond_stage_config = {"target": target}
@@ -93,26 +84,26 @@ def prompts_csv(path, rows=2):
 
 
 def test_a_torn_image_is_regenerated_and_scoring_refuses_missing_or_torn_images(tmp_path):
-    generate, classify = script("eval-scripts/generate-images.py"), script("eval-scripts/imageclassify.py")
+    generate, classify = "eval-scripts/generate-images.py", "eval-scripts/imageclassify.py"
     csv = prompts_csv(tmp_path / "p.csv")
     flags = ["--prompts_path", csv, "--save_path", tmp_path / "images", "--num_samples", 2, "--ddim_steps", 2]
-    assert call(generate, *flags)[0] == 0
+    assert call_script(generate, *flags).returncode == 0
     folder = tmp_path / "images" / "tiny-sd"
     whole = np.asarray(Image.open(folder / "1_0.png"))
     data = (folder / "1_0.png").read_bytes()
     (folder / "1_0.png").write_bytes(data[: len(data) // 2])  # a kill mid-write of a non-atomic writer
     (folder / "0_1.png").unlink()
     score = ["--folder_path", folder, "--prompts_path", csv, "--save_path", tmp_path / "scores.csv"]
-    line = one_line(*call(classify, *score)[::2])
+    line = one_line_error(call_script(classify, *score))
     assert "1 images missing and 1 unreadable in 2 prompts" in line and "--allow_incomplete" in line
     listed = pd.read_csv(tmp_path / "scores_incomplete.csv")
     assert listed.set_index("case_number").loc[[0, 1], ["missing", "unreadable"]].values.tolist() == [[1, 0], [0, 1]]
-    code, _, err = call(classify, *score, "--allow_incomplete")
-    assert code == 0 and "warning:" in err
-    code, out, _ = call(generate, *flags)
-    assert code == 0 and "2 images written" in out
+    done = call_script(classify, *score, "--allow_incomplete")
+    assert done.returncode == 0 and "warning:" in done.stderr
+    done = call_script(generate, *flags)
+    assert done.returncode == 0 and "2 images written" in done.stdout
     assert np.array_equal(np.asarray(Image.open(folder / "1_0.png")), whole)
-    assert call(classify, *score)[0] == 0
+    assert call_script(classify, *score).returncode == 0
 
 
 @pytest.mark.parametrize("flags, message", [(["--batch_size", 0], "--batch_size must be >= 1"),
@@ -120,9 +111,9 @@ def test_a_torn_image_is_regenerated_and_scoring_refuses_missing_or_torn_images(
                                             (["--num_samples", -3], "--num_samples must be >= 1"),
                                             (["--guidance_scale", -1], "--guidance_scale must be >= 0")])
 def test_generation_values_are_checked_before_anything_is_written(flags, message, tmp_path):
-    generate = script("eval-scripts/generate-images.py")
+    generate = "eval-scripts/generate-images.py"
     base = ["--prompts_path", prompts_csv(tmp_path / "p.csv", rows=1), "--save_path", tmp_path / "images"]
-    assert message in one_line(*call(generate, *base, *flags)[::2])
+    assert message in one_line_error(call_script(generate, *base, *flags))
     assert not (tmp_path / "images").exists()  # nothing that would refuse the corrected rerun
 
 
@@ -131,30 +122,30 @@ def test_generation_values_are_checked_before_anything_is_written(flags, message
                                             (["--num_samples", -3], "--num_samples must be >= 1"),
                                             (["--methods", "esd-x,uce"], "unknown uce")])
 def test_benchmark_values_are_checked_before_any_erase(flags, message, tmp_path):
-    assert message in one_line(*call(script("eval-scripts/benchmark.py"), *flags, "--save_path", tmp_path)[::2])
+    assert message in one_line_error(call_script("eval-scripts/benchmark.py", *flags, "--save_path", tmp_path))
     assert not any(models_dir().glob("bench-*"))
 
 
 def test_an_interrupted_erase_is_named_with_the_command_that_resumes_it(tmp_path):
-    code, _, err = call(erase.main, *TORN, "--run_name", "torn")
-    assert code == 2 and "loss is" in err
-    line = one_line(*call(script("eval-scripts/generate-images.py"), "--model_name", "torn", "--prompts_path",
-                          prompts_csv(tmp_path / "p.csv", rows=1), "--save_path", tmp_path)[::2])
+    done = call_script(ERASE, *TORN, "--run_name", "torn")
+    assert done.returncode == 2 and "loss is" in done.stderr
+    line = one_line_error(call_script("eval-scripts/generate-images.py", "--model_name", "torn", "--prompts_path",
+                          prompts_csv(tmp_path / "p.csv", rows=1), "--save_path", tmp_path))
     assert "run 'torn' is incomplete" in line and "--run_name torn --resume" in line
     with pytest.raises(UsageError, match="is incomplete"):
         load_model("torn")
 
 
 def test_a_resume_state_that_is_not_ours_is_refused_in_one_line():
-    assert call(erase.main, *TORN, "--run_name", "pickled")[0] == 2
+    assert call_script(ERASE, *TORN, "--run_name", "pickled").returncode == 2
     state = partial_folder(models_dir() / "pickled") / RESUME_STATE
     torch.save({"payload": np.arange(3)}, state)  # a pickle that weights_only refuses
-    line = one_line(*call(erase.main, *TORN, "--run_name", "pickled", "--resume")[::2])
+    line = one_line_error(call_script(ERASE, *TORN, "--run_name", "pickled", "--resume"))
     assert "is not a resumable state this project wrote" in line
 
 
 def test_a_killed_then_finished_overwrite_leaves_no_partial_folder():
-    assert call(erase.main, *FAST_ESD, "--run_name", "once")[0] == 0
+    assert call_script(ERASE, *FAST_ESD, "--run_name", "once").returncode == 0
     final = finish_run_dir(prepare_run_dir("once", overwrite=True))  # an empty rebuild renamed into place
     assert final == models_dir() / "once" and not partial_folder(final).exists()
 
@@ -191,12 +182,11 @@ def test_no_script_runs_code_from_a_pickled_checkpoint(script_path, argv, tmp_pa
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": torch.load(TINY / "model.ckpt", weights_only=True)["state_dict"], "x": Payload(marker)},
                evil)
-    main = erase.main if script_path == "train-scripts/erase.py" else script(script_path)
     extra = {"eval-scripts/generate-images.py": ["--prompts_path", prompts_csv(tmp_path / "p.csv", rows=1),
                                                  "--save_path", tmp_path / "out"],
              "train-scripts/convertModels.py": ["--save_path", tmp_path / "evil.safetensors"]}.get(script_path, [])
-    code, _, err = call(main, *argv, *extra, "--config_path", TINY / "config.yaml", "--ckpt_path", evil)
-    assert code == 0 or one_line(code, err)
+    done = call_script(script_path, *argv, *extra, "--config_path", TINY / "config.yaml", "--ckpt_path", evil)
+    assert done.returncode == 0 or one_line_error(done)
     assert not marker.exists()
 
 
@@ -220,5 +210,5 @@ def test_a_generation_killed_mid_run_leaves_only_whole_images_and_resumes(tmp_pa
     assert 0 < len(made) < 24, len(made)
     for path in made:  # every image under its final name is whole (written beside, then renamed)
         Image.open(path).load()
-    code, out, _ = call(script("eval-scripts/generate-images.py"), *flags)
-    assert code == 0 and len(list(folder.glob("*.png"))) == 24
+    done = call_script("eval-scripts/generate-images.py", *flags)
+    assert done.returncode == 0 and len(list(folder.glob("*.png"))) == 24

@@ -1,8 +1,5 @@
 """The method registry and its one erase entry point: every method's flags come from its settings, resolve
 flag > model config > paper, reach the trainer, and give the same weights through every script."""
-import contextlib
-import importlib.util
-import io
 import re
 
 import pytest
@@ -10,7 +7,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.cli import run
 from ldm.erasure import erase, methods
 from ldm.erasure.settings import resolve, setting_fields
 from ldm.identity import compvis_identity
@@ -18,36 +14,11 @@ from ldm.loading import load_model
 from ldm.paths import REPO_ROOT, TINY_SD_DIR, models_dir
 from ldm.util import UsageError, load_config, tensors_sha256
 
-from conftest import TINY
+from conftest import TINY, call_script, one_line_error
 
 MAIN_METHODS = ["esd-x", "esd-u", "cie", "sepce", "cpe"]
 RUN_FLAGS = {"config_path", "ckpt_path", "unsafe_pickle", "devices", "save_every", "resume", "overwrite",
              "save_compvis", "no_diffusers", "no_samples", "run_name", "show_settings", "help", "method"}
-
-
-def call(main, *argv, **kwargs):
-    """``main(argv)`` in this process as the shell runs it: ``(exit status, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run(main, [str(a) for a in argv], **kwargs)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def script_main(name):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO_ROOT / "train-scripts" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def one_line(code, err):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def flags_of(method):
@@ -57,7 +28,8 @@ def flags_of(method):
 @pytest.mark.parametrize("name", list(methods.METHODS))
 def test_help_lists_the_methods_own_flags_and_no_other(name):
     method = methods.get(name)
-    code, out, _ = call(erase.main, "--method", name, "--help")
+    done = call_script("train-scripts/erase.py", "--method", name, "--help")
+    code, out = done.returncode, done.stdout
     assert code == 0 and method.description.split(":")[0] in out
     shown = set(re.findall(r"--([a-z0-9_]+)", out))
     assert flags_of(method) <= shown
@@ -68,19 +40,22 @@ def test_help_lists_the_methods_own_flags_and_no_other(name):
 
 
 def test_erase_needs_a_method_and_lists_them():
-    line = one_line(*call(erase.main, "--prompt", "moon")[::2])
+    line = one_line_error(call_script("train-scripts/erase.py", "--prompt", "moon"))
     assert "--method is required" in line and all(m in line for m in methods.METHODS)
-    code, out, _ = call(erase.main, "--help")
+    done = call_script("train-scripts/erase.py", "--help")
+    code, out = done.returncode, done.stdout
     assert code == 0 and all(m in out for m in methods.METHODS)
-    assert "invalid choice: 'uce'" in one_line(*call(erase.main, "--method", "uce", "--prompt", "x")[::2])
+    refused = call_script("train-scripts/erase.py", "--method", "uce", "--prompt", "x")
+    assert "invalid choice: 'uce'" in one_line_error(refused)
 
 
 @pytest.mark.parametrize("name, from_config", [("esd-x", "lr"), ("esd-u", "negative_guidance"), ("cie", "tau"),
                                                ("sepce", "warmup"), ("cpe", "neutral")])
 def test_show_settings_names_each_source_and_loads_no_model(name, from_config, tmp_path):
-    code, out, err = call(erase.main, "--method", name, "--prompt", "moon", "--seed", 3, "--show_settings",
-                          "--ckpt_path", tmp_path / "no-such.ckpt")  # a model load would fail on this path
-    assert code == 0, err
+    done = call_script("train-scripts/erase.py", "--method", name, "--prompt", "moon", "--seed", 3, "--show_settings",
+                       "--ckpt_path", tmp_path / "no-such.ckpt")  # a model load would fail on this path
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(rows) == {f.name for f in setting_fields(methods.get(name).settings)}
     assert rows["seed"].rstrip().endswith("(flag)") and " 3 " in rows["seed"]
@@ -196,8 +171,7 @@ def test_a_bad_model_config_block_is_one_line(block, message):
     ("erase.py", ["--method", "cie", "--prompt", "heart", "--no_such_flag", "1"], "unrecognized arguments"),
 ])
 def test_a_flag_a_method_does_not_use_or_a_bad_value_is_one_line(script, argv, message):
-    main = erase.main if script == "erase.py" else script_main(script)
-    assert message in one_line(*call(main, *argv)[::2])
+    assert message in one_line_error(call_script(f"train-scripts/{script}", *argv))
 
 
 TRAIN = {"esd-x": ("train-esd.py", ["--train_method", "xattn", "--iterations", 2, "--ddim_steps", 4]),
@@ -213,11 +187,11 @@ def test_each_script_and_erase_py_write_the_same_weights(name):
     script, flags = TRAIN[name]
     common = ["--prompt", CONCEPT[name], *[f for f in flags if f not in ("--train_method", "xattn", "noxattn")],
               "--no_diffusers", "--no_samples"]
-    code, _, err = call(script_main(script), *common, *flags[:2] if name.startswith("esd") else [],
-                        "--run_name", f"script-{name}")
-    assert code == 0, err
-    code, _, err = call(erase.main, "--method", name, *common, "--run_name", f"erase-{name}")
-    assert code == 0, err
+    done = call_script(f"train-scripts/{script}", *common, *flags[:2] if name.startswith("esd") else [],
+                       "--run_name", f"script-{name}")
+    assert done.returncode == 0, done.stderr
+    done = call_script("train-scripts/erase.py", "--method", name, *common, "--run_name", f"erase-{name}")
+    assert done.returncode == 0, done.stderr
     edits = {kind: {p.name: tensors_sha256(load_file(p)) for p in sorted((models_dir() / f"{kind}-{name}").glob(
         "*.safetensors"))} for kind in ("script", "erase")}
     assert edits["script"] and edits["script"] == edits["erase"]
@@ -247,7 +221,4 @@ def test_identity_is_the_weights_and_the_model_section(tmp_path):
 
 
 def test_report_on_a_model_that_is_not_a_run_says_what_to_pass():
-    spec = importlib.util.spec_from_file_location("erasure_report", REPO_ROOT / "eval-scripts" / "erasure-report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert "pass --concept" in one_line(*call(module.main, "--model_name", "tiny-sd")[::2])
+    assert "pass --concept" in one_line_error(call_script("eval-scripts/erasure-report.py", "--model_name", "tiny-sd"))
