@@ -250,10 +250,6 @@ def test_scripts_erase_iteratively_restore_and_load(run_name):
     assert "is a cie run" in line and "sepce" in line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library: SepCETrainer refuses a concept the --on run already erased only once it is built, after "
-    "prepare_training_latents has drawn the concept's images (their progress bars precede the error line); "
-    "the keep set and the null space are refused before any image since c253962"))
 def test_a_concept_the_on_run_erased_is_refused_before_any_image(run_name, tiny):
     """--on a run that erased 'Hokusai': erasing 'Hokusai' again is one line, before an image is drawn."""
     from ldm.runs import base_identity, save_term, write_run_config

@@ -80,6 +80,9 @@ def _sepce_base(flags):
 
 def _sepce_build(settings, model, devices, autocast_dtype, latents):
     earlier = read_terms(find_run(settings.on, "--on", _is_sepce_run, "a sepce run")) if settings.on else []
+    if settings.prompt.strip() in [t["concept"] for t in earlier]:  # refused before any image is drawn
+        raise UsageError(f"'{settings.prompt}' is already erased by the run given to --on; restore it first "
+                         "(restore-concept.py) or erase another concept")
     protected = protected_set(settings.keep_set(), earlier, settings.prompt)
     basis = term_basis(model, protected, settings.rtol, settings.prompt)  # may refuse the set: before any image
     return SepCETrainer(model, settings, latents(), protected, basis, earlier, devices[0], autocast_dtype)
