@@ -37,7 +37,7 @@ SESSION_CWD = SESSION_DIR / "cwd"
 SESSION_CWD.mkdir()
 
 SD_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
-SHARED = REPO_ROOT.parent / "shared"
+SHARED = REPO_ROOT.parent / "shared"  # optional reference data beside the checkout; its tests skip without it
 
 SMALL_CLIP = {
     "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 64,

@@ -85,13 +85,18 @@ def test_bad_erase_input_is_one_message(method, concept, flags, message, existin
 def test_client_compares_a_run_and_never_replaces_it(served, made_run):
     """The page on a run the train script made: Compare draws the base and the run with verdicts; an Erase into
     its name is refused before any script starts."""
-    status, *_ = served.predict("esd-x", "circle", made_run, 2, None, None, "", False, api_name="/erase")
+    refuses_and_compares(served, made_run)
+
+
+def refuses_and_compares(served, run):
+    """An Erase into ``run``'s name is refused; Compare draws the base and ``run`` with verdicts."""
+    status, *_ = served.predict("esd-x", "circle", run, 2, None, None, "", False, api_name="/erase")
     assert "already exists" in status  # never silently replaced
-    base, edited, base_verdict, edited_verdict = served.predict("a red circle", 0, made_run, [], 7.5, 5,
+    base, edited, base_verdict, edited_verdict = served.predict("a red circle", 0, run, [], 7.5, 5,
                                                                 api_name="/compare")
     assert Path(base).is_file() and Path(edited).is_file()
     assert base_verdict.startswith("object: ") and edited_verdict.startswith("object: ")
-    _, _, message, _ = served.predict("", 0, made_run, [], 7.5, 5, api_name="/compare")
+    _, _, message, _ = served.predict("", 0, run, [], 7.5, 5, api_name="/compare")
     assert "type a prompt" in message
 
 
@@ -104,15 +109,7 @@ def test_client_erases_then_compares(served):
     assert Path(loss).is_file() and Path(samples).is_file()
     from ldm.loading import load_model
     assert load_model(RUN).config.run.iterations == 2  # the train script's own run folder
-    status, *_ = served.predict("esd-x", "circle", RUN, 2, None, None, "", False, api_name="/erase")
-    assert "already exists" in status  # never silently replaced
-
-    base, edited, base_verdict, edited_verdict = served.predict("a red circle", 0, RUN, [], 7.5, 5,
-                                                                api_name="/compare")
-    assert Path(base).is_file() and Path(edited).is_file()
-    assert base_verdict.startswith("object: ") and edited_verdict.startswith("object: ")
-    _, _, message, _ = served.predict("", 0, RUN, [], 7.5, 5, api_name="/compare")
-    assert "type a prompt" in message
+    refuses_and_compares(served, RUN)
 
 
 def test_a_bad_erase_is_a_message_in_the_page(served):

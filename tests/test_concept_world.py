@@ -179,7 +179,7 @@ def test_empty_prompts_can_be_skipped(tmp_path):
     assert prompts["case_number"].tolist() == [0]
 
 
-@pytest.mark.skipif(not (SHARED / "reference-data").is_dir(), reason="../shared reference data absent")
+@pytest.mark.skipif(not (SHARED / "reference-data").is_dir(), reason="the reference data beside the checkout is absent")
 def test_esd_prompt_csvs_read_unchanged():
     folder = SHARED / "reference-data" / "esd-prompts"
     sizes = {path.name: len(read_prompts(path, skip_empty=path.name.startswith("unsafe")))
