@@ -8,7 +8,7 @@ sets of ldm.data.prompt_sets.attribute_erasure_prompts, written to --save_path/p
 the edited model (images are cached
 under --save_path/images/<model>/<prompts>-<key>, the key a digest of the model's identity, the
 prompt file's SHA-256 and the sampling settings, so they are reused only for the same weights), classifies them with the tiny-sd evaluator and writes, under
---save_path/reports/<run_name>/: summary.csv (the table printed), per-concept.csv (accuracy on every
+--save_path/reports/<run_name>/ (<run_name>_<concept>/ per concept of a run that erased several): summary.csv (the table printed), per-concept.csv (accuracy on every
 concept, base vs edited), drift.csv (per prompt set, the Frechet distance from the base's images to
 the edited model's in the evaluator's feature space), predictions of both models, and comparison.png
 (base | edited).
@@ -121,7 +121,10 @@ def main(argv=None):
         summary[f"{role}_sha256"] = identity["sha256"][:12]
     per_concept = per_concept_accuracy(base, prompts).merge(
         per_concept_accuracy(edited, prompts), on=["attribute", "concept"], suffixes=("_base", "_edited"))
-    report_dir = save_path / "reports" / Path(args.model_name).name
+    report_name = Path(args.model_name).name
+    if run_args.get("prompt") not in (None, concept):  # one report per concept of a run that erased several
+        report_name += "_" + Path(concept_filename(concept)).stem
+    report_dir = save_path / "reports" / report_name
     report_dir.mkdir(parents=True, exist_ok=True)
     def feature_distance(group):  # a Frechet distance needs two images or more on each side
         names = [f"{c}_{i}.png" for c in group["case_number"] for i in range(args.num_samples)]

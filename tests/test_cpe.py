@@ -4,13 +4,16 @@ adapter's parity with our ldm, restore, and one-line bad input."""
 import pytest
 import torch
 
-from ldm.erasure.cpe import CPESettings, CPETrainer, anchors_for, choose_anchors
+from ldm.data.prompt_sets import concept_sentences
+from ldm.erasure.cpe import CPESettings, CPETrainer, lipschitz_weights
+from ldm.erasure.cpe_prompts import (anchors_for, choose_anchors, co_occurs, domain_vocabulary, fill,
+                                     training_sentences)
 from ldm.erasure.cpe_gates import (ResAG, ResAGHooks, apply_resags, apply_resags_of, apply_to_diffusers,
                                    gated_projections, read_resags, select_by_gate)
 from ldm.loading import load_model
 from ldm.paths import models_dir
 from ldm.runs import restore_concept, save_term
-from ldm.util import UsageError
+from ldm.util import UsageError, load_config
 
 from conftest import SESSION_DIR, TINY, call_script, one_line_error, sd_v1_structure_model
 
@@ -164,11 +167,101 @@ def test_settings_refuse_bad_input():
     assert settings(prompt="moon; Van Gogh", seperator=";").concepts() == ["moon", "Van Gogh"]
 
 
-def test_default_anchors_are_generic_words_and_the_nearest_concepts(tiny):
-    anchors = choose_anchors(tiny, "Van Gogh", words=["a photo", "art by Van Gogh"], nearest=3)
-    assert anchors[0] == "a photo" and len(anchors) == 4 and "art by Van Gogh" not in anchors
-    assert all("Van Gogh" not in a for a in anchors)
+def test_default_anchors_are_the_targets_domain_and_generic_words_it_never_shares_a_sentence_with(tiny):
+    sentences = training_sentences("concept-world", "orange")
+    words = ["a photo", "a shape", "art by orange", "a dog"]
+    colors = ["red", "yellow", "green", "cyan", "blue", "purple", "pink"]
+    anchors = choose_anchors(tiny, "orange", sentences, words=words, vocabulary=domain_vocabulary("orange"))
+    # the other colors (the target's own domain), then the generic words: "a shape" shares "an orange shape ..."
+    assert sorted(anchors[:7]) == sorted(colors) and anchors[7:] == ["a photo", "a dog"]
+    everything = domain_vocabulary("orange", "every-concept")
+    assert len(everything) == 21 and "moon" in everything and "Van Gogh" in everything
+    assert choose_anchors(tiny, "orange", sentences, words=words, vocabulary=colors, nearest=2)[2:] == ["a photo", "a dog"]
     assert choose_anchors(tiny, "Van Gogh", anchors=["x", " y ", "x"]) == ["x", "y"]
+    # outside tiny-sd, the domain is a vocabulary file (e.g. artist names): its nearest entries
+    assert choose_anchors(tiny, "Van Gogh", vocabulary=["Seurat", "Van Gogh's", "Hokusai"], nearest=1) in (["Seurat"], ["Hokusai"])
+    with pytest.raises(UsageError, match="concept-world is for tiny-sd's concepts"):
+        domain_vocabulary("a cowboy hat")
+
+
+def test_tiny_sds_config_names_its_own_words_and_other_models_get_the_artist_files(tiny):
+    """tiny-sd's config sets concept-world for sentences and anchors; the paper defaults (SD v1) are the files,
+    whatever the concept's name."""
+    blocks = load_config(TINY / "config.yaml").cpe_defaults
+    assert (blocks.prompt_templates, blocks.anchor_vocab) == ("concept-world", "concept-world")
+    paper = CPESettings(prompt="Van Gogh")
+    assert paper.sentences("Van Gogh")[0] == "Image in the style of {}" and len(paper.sentences("Van Gogh")) == 41
+    assert anchors_for(tiny, paper)[0][0] == "a photo"  # generic words only, no domain without a vocabulary
+    chosen = anchors_for(tiny, CPESettings(prompt="Van Gogh", prompt_templates="concept-world",
+                                           anchor_vocab="concept-world"))[0]
+    assert sorted(chosen[:5]) == ["Hokusai", "Mondrian", "Pollock", "Rothko", "Seurat"] and "a painting" not in chosen
+
+
+@pytest.mark.parametrize("concept", ["moon", "orange", "Hokusai"])
+def test_training_sentences_carry_the_concept_among_other_attributes(concept):
+    sentences = training_sentences("concept-world", concept)
+    assert sentences[-1] == "{}" and all("{}" in s for s in sentences) and len(sentences) >= 40
+    assert sentences[:-1] == [s for s in concept_sentences(concept) if s != "{}"]
+    others = {"moon": "color", "orange": "object", "Hokusai": "object"}[concept]
+    from ldm.data.concepts import ATTRIBUTES
+    named = {v for v in ATTRIBUTES[others] if any(v in s for s in sentences)}
+    assert named == set(ATTRIBUTES[others]) - {"none"}  # every value of another attribute appears
+    assert training_sentences("none", concept) == ["{}"]
+    with pytest.raises(UsageError, match="'a cowboy hat' is not one"):
+        training_sentences("concept-world", "a cowboy hat")
+
+
+def test_fill_makes_articles_agree_and_leaves_no_double_space():
+    assert fill("a {} circle", "orange") == "an orange circle"
+    assert fill("an image of a {}", "moon") == "an image of a moon"
+    assert fill("a red {} in the style of Seurat", "") == "a red in the style of Seurat"
+    assert fill("a {} circle", "") == "a circle"
+    assert co_occurs("a shape", "orange", ["an {} shape"]) and not co_occurs("a dog", "orange", ["an {} shape"])
+
+
+def test_text_space_loss_equals_the_per_layer_error_of_the_projections(tiny):
+    """CPE's loss as a quadratic form in Gram matrices equals the Lipschitz-weighted squared error of every
+    wrapped layer's output computed directly, for a residual and for a text-space part."""
+    trainer = new_trainer(tiny, settings())
+    resag = trainer.resags[0]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, tensor in resag.tensors.items():
+            if key.startswith("B.") or key == "v":
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    E = trainer.encode(["a red moon", "a blue circle in the style of Seurat"])
+    y = torch.randn(E.shape, generator=generator)
+    gated, _ = resag.gate(E)
+    A, K, J = trainer.geometry.coupling(resag)
+    weights = lipschitz_weights(trainer.unet, trainer.layers, trainer.tokens)
+
+    def direct(text_part):
+        return sum(weights[n] * ((torch.nn.functional.linear(text_part, layer.weight) if text_part is not None else 0)
+                                 + resag.residual(gated, n)).pow(2).mean()
+                   for n, layer in trainer.layers.items()) / len(trainer.layers)
+
+    geometry = trainer.geometry
+    assert torch.allclose(geometry.error(y, gated @ A, K, J), direct(y), rtol=1e-5)
+    assert torch.allclose(geometry.error(None, gated @ A, K, J), direct(None), rtol=1e-5)
+    d = torch.randn(E.shape, generator=generator)
+    shifted = geometry.quadratic(y) + 2 * ((y @ geometry.G) * d).sum(-1) + geometry.quadratic(d)
+    assert torch.allclose(geometry.error(y + d, gated @ A, K, J, shifted), direct(y + d), rtol=1e-4)
+
+
+def test_gate_temperature_and_floor_are_saved_and_old_runs_load_with_theirs(tiny, tmp_path):
+    import math
+    resag = new_resag(tiny, trained=True)
+    save_term(tmp_path / "old", resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})
+    save_term(tmp_path / "new", resag.concept, resag.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0,
+                                                                "gate_temperature": 1.0, "gate_floor": 0.5})
+    (old,), (new,) = read_resags(tmp_path / "old"), read_resags(tmp_path / "new")
+    assert old.temperature == math.sqrt(16) and old.floor == 0.0  # how runs before the setting were trained
+    assert new.temperature == 1.0 and new.floor == 0.5
+    E = tiny.get_learned_conditioning(["Van Gogh", "a red moon"])
+    _, g = new.gate(E)
+    _, unfloored = ResAG(new.concept, new.tensors, 1, 16, 1.0, 1.0, 0.0).gate(E)
+    assert torch.equal(g, torch.where(unfloored >= 0.5, unfloored, torch.zeros_like(unfloored)))
+    assert (g == 0).any() and (g > 0).any()
 
 
 def test_diffusers_adapter_matches_our_ldm(tiny, tmp_path):
@@ -226,11 +319,45 @@ def test_train_two_concepts_restore_one_then_the_last_gives_the_base(run_name):
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), base.state_dict().values()))
 
 
+def test_a_restored_run_is_the_single_run_of_the_first_concept_and_a_gate_floor_makes_it_exact(run_name):
+    """Restoring the second concept of a two-concept run leaves exactly the one-concept run of the first (same
+    start, same draws); its gate is small but not zero on the restored concept's prompts, and ``--gate_floor``
+    zeroes it there."""
+    from safetensors.torch import load_file
+    single, two = f"{run_name}-single", f"{run_name}-two"
+    for name, prompt in ((single, "Van Gogh"), (two, "Van Gogh,moon")):
+        done = call_script("train-scripts/train-cpe.py", "--prompt", prompt, "--seperator", ",", *FAST, "--run_name", name)
+        assert done.returncode == 0, done.stderr
+    done = call_script("train-scripts/restore-concept.py", "--model_name", two, "--concept", "moon", "--run_name",
+                       f"{two}-restored")
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.name for p in (models_dir() / single).glob("term-*.safetensors"))
+    assert files == sorted(p.name for p in (models_dir() / f"{two}-restored").glob("term-*.safetensors"))
+    for name in files:
+        a, b = load_file(models_dir() / single / name), load_file(models_dir() / f"{two}-restored" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    base = projections(load_model("tiny-sd").model, ["a red moon"])
+    restored = projections(load_model(f"{two}-restored").model, ["a red moon"])
+    assert any(not torch.equal(base[n], restored[n]) for n in base)  # the gate is small, not zero
+    floored = f"{run_name}-floored"
+    done = call_script("train-scripts/train-cpe.py", "--prompt", "Van Gogh", *FAST, "--gate_floor", "0.9",
+                       "--run_name", floored)
+    assert done.returncode == 0, done.stderr
+    assert read_resags(models_dir() / floored)[0].floor == 0.9
+    after = projections(load_model(floored).model, ["a red moon"])  # a barely trained gate is about 0.5 everywhere
+    assert all(torch.equal(base[n], after[n]) for n in base)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--prompt", "Van Gogh", "--anchors", "Seurat,Van Gogh"], "itself"),
     (["--prompt", "Van Gogh", "--rank", "0"], "must be >= 1"),
     (["--prompt", "Van Gogh", "--gate_rank", "0"], "must be >= 1"),
     (["--prompt", "Van Gogh", "--anchor_vocab", "no/such/file.txt"], "does not exist"),
+    (["--prompt", "Van Gogh", "--gate_floor", "1.5"], "--gate_floor must be in [0, 1)"),
+    (["--prompt", "Van Gogh", "--gate_temperature", "0"], "must be a positive number"),
+    (["--prompt", "Van Gogh", "--adv_iterations", "0"], "must be >= 1"),
+    (["--prompt", "Van Gogh", "--anchor_scope", "everything"], "invalid choice"),
+    (["--prompt", "Van Gogh", "--prompt_templates", "no/such/sentences.txt"], "does not exist"),
 ])
 def test_bad_input_is_one_line(flags, message, run_name):
     line = one_line_error(call_script("train-scripts/train-cpe.py", *flags, "--run_name", run_name, "--devices", "cpu"))

@@ -19,7 +19,8 @@ MAX_LINES = 400
 LAYERS = [
     ("format", ["ldm.paths", "ldm.util", "ldm.identity", "ldm.runs"]),
     ("methods", ["ldm.erasure.settings", "ldm.erasure.trainer", "ldm.erasure.esd", "ldm.erasure.cie",
-                 "ldm.erasure.sepce", "ldm.erasure.cpe", "ldm.erasure.cpe_gates", "ldm.erasure.folding"]),
+                 "ldm.erasure.sepce", "ldm.erasure.cpe", "ldm.erasure.cpe_gates", "ldm.erasure.cpe_prompts",
+                 "ldm.erasure.folding"]),
     ("registry", ["ldm.erasure.methods"]),
     ("loading", ["ldm.loading"]),
     ("orchestration", ["ldm.text2image", "ldm.erasure.erase", "ldm.erasure.concept_data", "ldm.erasure.outputs",

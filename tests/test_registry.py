@@ -86,11 +86,13 @@ def _values(family, files):
         return config, flags
     if family in ("cie", "sepce"):
         config = {"num_images": 2, "iterations": 3, "lr": 2e-4, "l1_weight": 3e-5, "tau": -2e-3, "warmup": 4,
-                  "momentum": 0.8, "batch_size": 2, "prompt_templates": files["templates"]}
+                  "momentum": 0.8, "batch_size": 2, "prompt_templates": files["templates"], "gradients": "zero",
+                  "l1_scale": "relative", "momentum_start": "zero", "direction_loss": "all"}
         if family == "sepce":
             config.update(beta=0.5, rtol=1e-5)
         flags = {**{k: v * 2 if isinstance(v, (int, float)) and k != "momentum" else v for k, v in config.items()},
-                 "momentum": 0.7, "prompt": "heart", "data_dir": str(files["templates"]), "seed": 7}
+                 "momentum": 0.7, "prompt": "heart", "data_dir": str(files["templates"]), "seed": 7,
+                 "gradients": "accumulate", "l1_scale": "absolute", "momentum_start": "first"}
         if family == "sepce":
             flags["keep"] = "star,moon"  # "on" (an earlier run) is exercised by test_sepce's iterative erasure
         return config, [flags]
@@ -98,7 +100,8 @@ def _values(family, files):
               "neutral": "a thing", "prompt_templates": files["templates"], "eta": 0.7, "anchor_weight": 50.0,
               "anchor_batch": 3, "rank": 2, "gate_rank": 4, "alpha": 2.0, "stages": 2, "iterations": 2,
               "first_stage_factor": 2, "lr": 1e-4, "first_stage_lr_factor": 5.0, "warmup": 1, "adv_embeddings": 2,
-              "adv_lr": 2e-2, "anchor_noise": 2e-3}
+              "adv_lr": 2e-2, "anchor_noise": 2e-3, "anchor_scope": "every-concept", "gate_temperature": 2.0,
+              "gate_floor": 0.3, "adv_iterations": 2}
     flags = {**{k: v * 2 if isinstance(v, (int, float)) else v for k, v in config.items()},
              "prompt": "moon;heart", "seperator": ";", "anchors": "a photo,a circle", "seed": 7}
     return config, [flags]

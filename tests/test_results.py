@@ -169,3 +169,30 @@ def test_a_cell_runs_its_steps_once_each_and_resumes(tmp_path, monkeypatch):
     assert cell.finished() is None and "seconds" in cell.stored() and "efficacy" not in cell.stored()
     cell.run()
     assert calls[4:] == ["erasure-report.py", "attack.py", "attack.py"]
+
+
+def test_report_table_reads_a_reports_figures_by_key_and_refuses_bad_input(tmp_path):
+    """bench/report_table.py: one row per run from its report (read by key), cost from --cost; a run without a
+    report or a malformed --cost is one line."""
+    from conftest import call_script, one_line_error
+    prompts = concept_prompts("heart").fillna("")
+    summary = erasure_summary("heart", predictions(prompts, 2, found=lambda row, sample: True),
+                              predictions(prompts, 2, found=lambda row, sample: row.set == "alone" and sample == 0),
+                              prompts, bootstrap=50)
+    folder = tmp_path / "reports" / "run-heart"
+    folder.mkdir(parents=True)
+    summary.assign(measure=summary.measure.where(summary.key != "found_combined", "'heart' found, combined")
+                   ).to_csv(folder / "summary.csv", index=False)
+    pd.DataFrame({"set": ["without"], "prompts": [48], "feature_distance": [1.5]}).to_csv(folder / "drift.csv", index=False)
+    out = tmp_path / "table.csv"
+    done = call_script("bench/report_table.py", "run-heart", "--out", out, "--reports", tmp_path / "reports",
+                       "--cost", "run-heart=31,702")
+    assert done.returncode == 0, done.stderr
+    row = pd.read_csv(out, dtype=str).iloc[0]
+    assert (row.concept, row.attribute, row.found_combined, row.found_alone, row.drift) == ("heart", "object", "10.0",
+                                                                                         "50.0", "1.50")
+    assert (row.same_attribute, row.erase_seconds, row.peak_mb) == ("+0.0", "31", "702")
+    line = one_line_error(call_script("bench/report_table.py", "run-heart", "--out", out, "--cost", "run-heart=31"))
+    assert "is not RUN=SECONDS,MB" in line
+    line = one_line_error(call_script("bench/report_table.py", "no-such-run", "--out", out, "--reports", tmp_path))
+    assert "no erasure report for 'no-such-run'" in line

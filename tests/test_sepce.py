@@ -100,11 +100,11 @@ def test_sepce_settings_refuse_bad_sets(tiny):
 
 
 def test_momentum_stop_rule_and_loss():
-    rule = MomentumStop(tau=0.5, warmup=3)
+    rule = MomentumStop(tau=0.5, warmup=3, start="zero")
     stops = [rule.update(x) for x in (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)]
     # m: 0.1, 0.19, 0.271 (warm-up) ... below 0.5 at once after it
     assert stops == [False, False, False, True, True, True, True] and rule.stop_iteration == 4
-    rule = MomentumStop(tau=0.01, warmup=0)
+    rule = MomentumStop(tau=0.01, warmup=0, start="zero")
     assert not rule.update(1.0) and rule.m == pytest.approx(0.1)
     r = torch.tensor([1.0, -2.0])
     assert concept_irrelevance(r, r) == pytest.approx(2.5) and concept_irrelevance(r, torch.zeros(2)) == 0
@@ -121,7 +121,7 @@ def cie_settings(**changes):
 
 
 def test_cie_trains_attn2_only_zeroes_gradients_and_resumes_exactly(tiny, new_tiny):
-    trainer = CiETrainer(tiny, cie_settings(), training_latents(tiny))
+    trainer = CiETrainer(tiny, cie_settings(gradients="zero"), training_latents(tiny))
     assert trainer.trained_names and all("attn2" in n for n in trainer.trained_names)
     trainer.step()
     first = {n: p.grad.clone() for n, p in trainer.params.items()}
@@ -130,7 +130,7 @@ def test_cie_trains_attn2_only_zeroes_gradients_and_resumes_exactly(tiny, new_ti
     assert any(not torch.allclose(p.grad, first[n]) for n, p in trainer.params.items())
     state = copy.deepcopy(trainer.state_dict())  # the live tensors, as written to disk at that point
     trainer.step()
-    resumed = CiETrainer(new_tiny(), cie_settings(), training_latents(tiny))
+    resumed = CiETrainer(new_tiny(), cie_settings(gradients="zero"), training_latents(tiny))
     resumed.load_state_dict(state)
     resumed.step()
     assert all(torch.equal(a, b) for a, b in zip(trainer.params.values(), resumed.params.values()))

@@ -5,7 +5,7 @@ Ground-truth columns (object, color, style) hold what the prompt asks for, empty
 import numpy as np
 import pandas as pd
 
-from ldm.data.concepts import ATTRIBUTES, COLORS, OBJECTS, STYLES, fill_template
+from ldm.data.concepts import ATTRIBUTES, COLORS, OBJECTS, STYLES, TEMPLATES, fill_template
 
 COLUMNS = ("case_number", "prompt", "evaluation_seed", "object", "color", "style")
 
@@ -142,6 +142,22 @@ def attribute_erasure_prompts(concept, erase_from, per_set=8):
                 named.add(a_attribute)
             entries.append((_PHRASINGS[frozenset(named)], fill["object"], fill["color"], fill["style"], name))
     return _rows(entries, seed_base=7000)
+
+
+def concept_sentences(concept, fills=4):
+    """Sentences that carry ``concept`` among other content, ``{}`` where it goes: every caption shape of
+    the concept world (``TEMPLATES``, the shapes the prompt sets use) that names the concept's attribute,
+    each filled ``fills`` times with other attributes' values (rotating, so every value appears)."""
+    attribute = attribute_of(concept)
+    slot = {"object": "{}", "color": "{}", "style": "{}"}
+    others = {k: list(v) for k, v in ATTRIBUTES.items() if k != attribute}
+    sentences = []
+    for i, template in enumerate(t for t in TEMPLATES if ("{%s}" % attribute if attribute != "style" else "style}") in t):
+        for k in range(fills):
+            fill = {name: values[(i + k * (2 + j)) % len(values)] for j, (name, values) in enumerate(others.items())}
+            fill[attribute] = slot[attribute]
+            sentences.append(fill_template(template, fill["object"], fill["color"], fill["style"])[0])
+    return list(dict.fromkeys(sentences))
 
 
 def all_concepts():

@@ -4,12 +4,16 @@ A ResAG (``ldm.erasure.cpe_gates``) is added to every cross-attention ``to_k`` a
 runs the UNet: every loss compares ``to_k``/``to_v`` outputs on text embeddings, each layer's squared error
 weighted by its Lipschitz estimate (``to_k``: sigma(W_o W_v) sigma(W_q) / tokens, ``to_v``: sigma(W_o)):
 
-- erase: ``|| W c_ntl - W~ c_tgt + eta (W c_ntl - W c_tgt) ||^2`` on target and neutral prompts filled into
-  the same random template;
-- anchoring: ``lambda_anc || W~ c_anc - W c_anc ||^2`` on mixed pairs of anchor prompts (generic words and the
-  vocabulary's concepts nearest the target) with a little noise, and the empty prompt;
+- erase: ``|| W c_ntl - W~ c_tgt + eta (W c_ntl - W c_tgt) ||^2`` on target and neutral filled into the same
+  random training sentence (``ldm.erasure.cpe_prompts``);
+- anchoring: ``lambda_anc || W~ c_anc - W c_anc ||^2`` on mixed pairs of anchor sentences (the target's own
+  domain and generic words, filled into the same sentences) with a little noise, and the empty prompt;
 - adversarial stages: after each erase stage, embeddings ``delta`` are learned (ResAG frozen) that make
   ``W~(c_tgt + delta)`` match ``W c_tgt``; the next stage erases ``c_tgt + delta`` too.
+
+Every such output is ``W y + z B`` (``y`` in the text space, ``z B`` the residual), so the weighted error of
+all layers at once is a quadratic form in width x width Gram matrices (``ProjectionGeometry``): the
+projections' outputs (about 25,000 columns on SD v1) are never formed.
 
 The public code builds the gate's ``K`` from ``U1`` too (``U2`` never trains); here ``K = E U2``, as the
 paper writes. Each concept's ResAG is its own ``term-<concept>.safetensors``.
@@ -20,20 +24,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm.data.prompt_sets import all_concepts
 from ldm.erasure.cpe_gates import ResAG, apply_resags, gated_projections
-from ldm.erasure.esd import DEFAULT_PROMPT_TEMPLATES, concept_words, read_prompt_templates
+from ldm.erasure.cpe_prompts import ANCHOR_SCOPES, DEFAULT_ANCHOR_WORDS, DEFAULT_SENTENCES, fill, training_sentences
+from ldm.erasure.esd import concept_words
 from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import ErasureTrainer
-from ldm.paths import resolve_path
 from ldm.runs import save_term
-from ldm.text_geometry import concept_text
 from ldm.util import UsageError, check_at_least, check_positive
-
-DEFAULT_ANCHOR_WORDS = "data/cpe-anchor-words.txt"
 
 
 def lipschitz_weights(unet, layers, tokens):
@@ -53,51 +52,39 @@ def lipschitz_weights(unet, layers, tokens):
     return weights
 
 
-def read_words(path):
-    """Words or prompts from a text file, one a line; blank lines and ``#`` comments skipped."""
-    path = resolve_path(path)
-    if not path.is_file():
-        raise UsageError(f"'{path}' does not exist; give a text file with one entry a line")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+class ProjectionGeometry:
+    """The wrapped projections as one linear map ``W`` (all layers' output columns stacked) with per-column
+    weights ``omega`` (a layer's Lipschitz weight over its width and the layer count), so that CPE's
+    ``sum_l w_l mean((a_l - b_l)^2) / layers`` of ``a - b = W y + z B`` is
+    ``mean(y G y + 2 y K z + z J z)`` with ``G = W^T diag(omega) W`` fixed and ``K``, ``J`` from a ResAG's ``B``."""
 
+    def __init__(self, layers, lipschitz, device):
+        self.names = list(layers)
+        W = torch.cat([layers[n].weight.detach().float() for n in self.names]).to(device)
+        self.omega = torch.cat([torch.full((layers[n].out_features,), lipschitz[n] / (layers[n].out_features * len(layers)))
+                                for n in self.names]).to(device)
+        self.W = W
+        self.G = W.T @ (self.omega[:, None] * W)
 
-def default_vocabulary(concept):
-    """tiny-sd's anchor vocabulary: every other concept of every attribute (styles as prompts name them)."""
-    return [concept_text(c) for c in all_concepts() if c != concept]
+    def coupling(self, resag):
+        """``(A, K, J)`` of a ResAG: its ``A_l`` side by side (width x R), ``K = W^T diag(omega) B^T``
+        (width x R) and ``J = B diag(omega) B^T`` (R x R), ``B`` the block-diagonal of its scaled ``B_l``."""
+        A = torch.cat([resag.tensors[f"A.{n}"] for n in self.names], dim=1)
+        B = torch.block_diag(*[resag.tensors[f"B.{n}"] for n in self.names]) * resag.scale
+        weighted = self.omega[:, None] * B.T
+        return A, self.W.T @ weighted, B @ weighted
 
+    def quadratic(self, y):
+        """``y G y`` per row."""
+        return ((y @ self.G) * y).sum(-1)
 
-@torch.no_grad()
-def nearest_concepts(model, concept, vocabulary, k):
-    """The ``k`` entries of ``vocabulary`` whose text embedding (all tokens, flattened) is nearest the
-    concept's by cosine; entries containing the concept's name are left out."""
-    candidates = [w for w in dict.fromkeys(vocabulary) if concept.lower() not in w.lower()]
-    if not candidates or k <= 0:
-        return []
-    embeddings = model.get_learned_conditioning([concept, *candidates]).float().flatten(1)
-    similarity = F.cosine_similarity(embeddings[:1], embeddings[1:])
-    order = similarity.argsort(descending=True)[:k]
-    return [candidates[i] for i in order.tolist()]
-
-
-def choose_anchors(model, concept, anchors=None, words=(), vocabulary=None, nearest=50):
-    """The anchors that keep concept ``concept``'s neighbours: ``anchors`` when the user names them, else the
-    generic ``words`` plus the ``nearest`` entries of ``vocabulary`` (tiny-sd: its other concepts) closest
-    to the concept by text embedding."""
-    if anchors is not None:
-        return list(dict.fromkeys(a.strip() for a in anchors if a.strip()))
-    if vocabulary is None:
-        vocabulary = default_vocabulary(concept) if concept in all_concepts() else []
-    chosen = [w for w in words if concept.lower() not in w.lower()]
-    return list(dict.fromkeys(chosen + nearest_concepts(model, concept, vocabulary, nearest)))
-
-
-def anchors_for(model, settings):
-    """Per concept of ``settings`` (``CPESettings``), the anchors it keeps (``choose_anchors``)."""
-    generic = read_words(settings.anchor_words) if settings.anchor_words else []
-    vocabulary = read_words(settings.anchor_vocab) if settings.anchor_vocab else None
-    return [choose_anchors(model, concept, settings.listed_anchors(), generic, vocabulary, settings.nearest_anchors)
-            for concept in settings.concepts()]
+    def error(self, y, z, K, J, yGy=None):
+        """The weighted squared error of ``W y + z B`` averaged over rows (``y`` None: the residual alone);
+        ``yGy``: ``quadratic(y)`` when the caller has it."""
+        value = ((z @ J) * z).sum(-1)
+        if y is not None:
+            value = value + (self.quadratic(y) if yGy is None else yGy) + 2 * ((y @ K) * z).sum(-1)
+        return value.mean()
 
 
 @dataclass
@@ -106,21 +93,32 @@ class CPESettings(MethodSettings):
     artist setting (SD v1); tiny-sd's config sets its own (``cpe_defaults:``)."""
     prompt: str = setting(None, "the concept(s) to erase, e.g. 'Van Gogh'", required=True, config=False)
     seperator: str = setting(None, "split --prompt on this (one ResAG each)", config=False, aliases=("separator",))
-    anchors: str = setting(None, "comma-separated anchors to keep, instead of the generic words and nearest "
-                                 "vocabulary entries", config=False)
-    anchor_words: str = setting(DEFAULT_ANCHOR_WORDS, "generic anchors, one a line", metavar="FILE")
-    anchor_vocab: str = setting(None, "file of concepts to pick the nearest anchors from (none for a tiny-sd "
-                                      "concept: its other concepts)", metavar="FILE")
-    nearest_anchors: int = setting(50, "vocabulary entries nearest the target kept as anchors")
-    neutral: str = setting("real photograph", "the surrogate the target maps to in each template")
-    prompt_templates: str = setting(DEFAULT_PROMPT_TEMPLATES, "phrasings target, neutral and anchors are filled "
-                                    "into, one a line with {} (none: the bare words)", metavar="FILE")
+    anchors: str = setting(None, "comma-separated anchors to keep, instead of the domain and generic words",
+                           config=False)
+    anchor_words: str = setting(DEFAULT_ANCHOR_WORDS, "generic anchors, one a line; those sharing a training "
+                                "sentence with the target are dropped", metavar="FILE")
+    anchor_vocab: str = setting(None, "the target's domain, one entry a line (e.g. artist names); its "
+                                      "--nearest_anchors entries nearest the target are anchors; concept-world: "
+                                      "tiny-sd's own values (see --anchor_scope)", metavar="FILE")
+    anchor_scope: str = setting("attribute", "with --anchor_vocab concept-world: the other values of the target's "
+                                "attribute (as the public code: its own domain) or every other concept (ours before)",
+                                choices=ANCHOR_SCOPES)
+    nearest_anchors: int = setting(50, "domain entries nearest the target kept as anchors")
+    neutral: str = setting("real photograph", "the surrogate the target maps to in each sentence")
+    prompt_templates: str = setting(DEFAULT_SENTENCES, "sentences target, neutral and anchors are filled into, one "
+                                    "a line with {} (the bare word is always added); concept-world: a tiny-sd "
+                                    "concept's caption shapes filled with other attributes' values; none: the bare "
+                                    "word", metavar="FILE")
     eta: float = setting(0.5, "eta of the erase target W c_ntl + eta (W c_ntl - W c_tgt)")
     anchor_weight: float = setting(1e4, "lambda_anc, the anchoring loss's weight")
     anchor_batch: int = setting(16, "mixed anchors per step")
     rank: int = setting(1, "rank of A_l B_l (1 styles/names, 4 explicit content)")
     gate_rank: int = setting(16, "rank of U1, U2 (16 styles/names, 64 explicit content)")
     alpha: float = setting(1.0, "the residual's scale is alpha / rank")
+    gate_temperature: float = setting(1.0, "temperature of the gate's softmax (the public code's 1; this "
+                                      "project used sqrt(gate_rank) before)")
+    gate_floor: float = setting(0.0, "ours, off by default: gates below this give no residual, so prompts a "
+                                "concept's gate barely opens on are exactly the base's")
     stages: int = setting(10, "erase stages, an adversarial stage between each two (1: none)")
     iterations: int = setting(450, "erase iterations per stage after the first")
     first_stage_factor: int = setting(4, "the first stage runs this many times --iterations")
@@ -128,6 +126,7 @@ class CPESettings(MethodSettings):
     first_stage_lr_factor: float = setting(10.0, "the first stage's lr is this times --lr")
     warmup: int = setting(5, "warm-up iterations of each stage's cosine schedule")
     adv_embeddings: int = setting(16, "adversarial embeddings learned per adversarial stage")
+    adv_iterations: int = setting(450, "iterations of each adversarial stage")
     adv_lr: float = setting(1e-2, "their AdamW lr")
     anchor_noise: float = setting(1e-3, "noise added to anchor embeddings, relative to their norm")
     seed: int = setting(0, "seed of every random draw of the run", config=False)
@@ -136,11 +135,9 @@ class CPESettings(MethodSettings):
         """The concepts to erase, one ResAG each."""
         return concept_words(self.prompt, self.seperator)
 
-    def templates(self):
-        """The phrasing templates (``["{}"]`` without a file)."""
-        if self.prompt_templates is None or str(self.prompt_templates).strip().lower() == "none":
-            return ["{}"]
-        return read_prompt_templates(self.prompt_templates)
+    def sentences(self, concept):
+        """The sentences ``concept`` is erased in, ``{}`` where it goes (``training_sentences``)."""
+        return training_sentences(self.prompt_templates, concept)
 
     def listed_anchors(self):
         """``--anchors`` as a list, or None when the anchors are chosen."""
@@ -156,10 +153,16 @@ class CPESettings(MethodSettings):
             if inside:
                 raise UsageError(f"the anchors of '{concept}' include '{inside[0]}' itself; an anchor is kept, the "
                                  "target erased: drop it from --anchors")
-        check_at_least(self, 1, "rank", "gate_rank", "stages", "iterations", "first_stage_factor", "anchor_batch")
+        check_at_least(self, 1, "rank", "gate_rank", "stages", "iterations", "first_stage_factor", "anchor_batch",
+                       "adv_iterations")
         check_at_least(self, 0, "adv_embeddings", "nearest_anchors", "warmup", "anchor_noise", "eta", "anchor_weight")
-        check_positive(self, "lr", "adv_lr", "alpha", "first_stage_lr_factor")
-        self.templates()
+        check_positive(self, "lr", "adv_lr", "alpha", "first_stage_lr_factor", "gate_temperature")
+        if not 0 <= self.gate_floor < 1:
+            raise UsageError(f"--gate_floor must be in [0, 1) (a gate is a sigmoid), got {self.gate_floor}")
+        if self.anchor_scope not in ANCHOR_SCOPES:
+            raise UsageError(f"--anchor_scope must be one of {', '.join(ANCHOR_SCOPES)}, got '{self.anchor_scope}'")
+        for concept in concepts:
+            self.sentences(concept)
         return self
 
     def stage_iterations(self, stage):
@@ -195,7 +198,8 @@ class CPETrainer(ErasureTrainer):
 
     def __init__(self, model, settings, anchors, device="cpu", progress=True):
         self.settings = settings.check()
-        self.concepts, self.templates, self.anchors = settings.concepts(), settings.templates(), anchors
+        self.concepts, self.anchors = settings.concepts(), anchors
+        self.sentences = [settings.sentences(c) for c in self.concepts]
         self.model, self.unet = model, model.model.diffusion_model
         self.unet.requires_grad_(False)
         self.layers = gated_projections(self.unet)
@@ -203,14 +207,15 @@ class CPETrainer(ErasureTrainer):
         generator = torch.Generator().manual_seed(settings.seed)
         width = next(iter(self.layers.values())).in_features
         self.resags = [ResAG.new(c, self.layers, width, settings.rank, settings.gate_rank, settings.alpha, generator,
-                                 device) for c in self.concepts]
+                                 device, settings.gate_temperature, settings.gate_floor) for c in self.concepts]
         params = {f"{i}.{k}": t.requires_grad_(True) for i, r in enumerate(self.resags) for k, t in r.tensors.items()}
         super().__init__(params, settings.lr, settings.seed, device)
         self.tokens = model.cond_stage_model.max_length
         self.lipschitz = lipschitz_weights(self.unet, self.layers, self.tokens)
+        self.geometry = ProjectionGeometry(self.layers, self.lipschitz, device)
         self.empty = self.encode([""])
         self.deltas = [torch.zeros(0, self.tokens, width, device=device) for _ in self.resags]
-        self.anchor_cache, self.prompt_cache = {}, {}
+        self.anchor_cache, self.prompt_cache, self._delta_quadratic = {}, {}, {}
         self._optimizer_for = None
 
     @torch.no_grad()
@@ -219,36 +224,21 @@ class CPETrainer(ErasureTrainer):
         return torch.cat([self.model.get_learned_conditioning(list(prompts[i:i + batch])).float()
                           for i in range(0, len(prompts), batch)]).to(self.device)
 
-    # -- projections --
-    def base_projection(self, E):
-        """``{layer: W E}`` of the frozen projections."""
-        return {n: F.linear(E, layer.weight.float()) for n, layer in self.layers.items()}
-
-    def edited_projection(self, E, concept):
-        """``{layer: W E + residual}`` with concept ``concept``'s ResAG."""
-        gated, _ = self.resags[concept].gate(E)
-        return {n: F.linear(E, layer.weight.float()) + self.resags[concept].residual(gated, n)
-                for n, layer in self.layers.items()}
-
-    def weighted_error(self, a, b):
-        """``sum_l w_l mean((a_l - b_l)^2) / layers``."""
-        return sum(self.lipschitz[n] * (a[n] - b[n]).pow(2).mean() for n in self.layers) / len(self.layers)
-
     # -- prompts --
     def target_and_neutral(self, concept):
-        """The target and neutral prompts in one random template: their embeddings (1, tokens, width) each."""
+        """The target and neutral in one random training sentence: their embeddings (1, tokens, width) each."""
         if concept not in self.prompt_cache:
-            name, templates = self.concepts[concept], self.templates
-            self.prompt_cache[concept] = (self.encode([t.replace("{}", name) for t in templates]),
-                                          self.encode([t.replace("{}", self.settings.neutral) for t in templates]))
+            name, sentences = self.concepts[concept], self.sentences[concept]
+            self.prompt_cache[concept] = (self.encode([fill(t, name) for t in sentences]),
+                                          self.encode([fill(t, self.settings.neutral) for t in sentences]))
         targets, neutrals = self.prompt_cache[concept]
         i = self.randint(len(targets))
         return targets[i:i + 1], neutrals[i:i + 1]
 
     def anchors_of(self, concept):
-        """Every anchor of concept ``concept`` filled into every template, encoded once."""
+        """Every anchor of concept ``concept`` filled into every training sentence, encoded once."""
         if concept not in self.anchor_cache:
-            prompts = [t.replace("{}", a) for a in self.anchors[concept] for t in self.templates]
+            prompts = list(dict.fromkeys(fill(t, a) for a in self.anchors[concept] for t in self.sentences[concept]))
             self.anchor_cache[concept] = self.encode(prompts) if prompts else self.empty[:0]
         return self.anchor_cache[concept]
 
@@ -266,27 +256,39 @@ class CPETrainer(ErasureTrainer):
 
     # -- the loss of one erase iteration --
     def loss(self):
+        """Erase (and erase under the last adversarial embeddings) plus anchoring: the edited output minus
+        its target is ``W y + residual`` with ``y = (1 + eta)(c_tgt - c_ntl) [+ delta]`` (0 for anchors)."""
         concept, stage, step = self.settings.position(self.iteration)
         self._set_stage(concept, stage, step)
+        s, resag = self.settings, self.resags[concept]
         E_t, E_n = self.target_and_neutral(concept)
-        base_t, base_n = self.base_projection(E_t), self.base_projection(E_n)
-        target = {n: base_n[n] + self.settings.eta * (base_n[n] - base_t[n]) for n in self.layers}
-        loss = self.weighted_error(self.edited_projection(E_t, concept), target)
+        deltas, anchors = self.deltas[concept], self.anchor_batch(concept)
+        A, K, J = self.geometry.coupling(resag)
+        gated, _ = resag.gate(torch.cat([E_t, E_t + deltas, anchors]))  # one batch: the gate is per sentence
+        z = gated @ A
+        y = (1 + s.eta) * (E_t - E_n)
+        u = y @ self.geometry.G
+        yGy = (u * y).sum(-1)
+        loss = self.geometry.error(y, z[:1], K, J, yGy)
+        if len(deltas):  # (y + d) G (y + d) with d G d fixed for the stage: no (16 x tokens) x width^2 product a step
+            shifted = yGy + 2 * (u * deltas).sum(-1) + self.delta_quadratic(concept)
+            loss = loss + self.geometry.error(y + deltas, z[1:1 + len(deltas)], K, J, shifted)
+        return loss + s.anchor_weight * self.geometry.error(None, z[1 + len(deltas):], K, J)
+
+    def delta_quadratic(self, concept):
+        """``d G d`` per row of the concept's adversarial embeddings, computed once per set of them."""
         deltas = self.deltas[concept]
-        if len(deltas):
-            attacked = self.edited_projection(E_t + deltas, concept)
-            loss = loss + self.weighted_error(attacked, {n: v.expand_as(attacked[n]) for n, v in target.items()})
-        anchors = self.anchor_batch(concept)
-        loss = loss + self.settings.anchor_weight * self.weighted_error(self.edited_projection(anchors, concept),
-                                                                         self.base_projection(anchors))
-        return loss
+        if self._delta_quadratic.get(concept, (None,))[0] is not deltas:
+            with torch.no_grad():
+                self._delta_quadratic[concept] = (deltas, self.geometry.quadratic(deltas))
+        return self._delta_quadratic[concept][1]
 
     def _set_stage(self, concept, stage, step):
         """A fresh AdamW over the concept's ResAG at each stage's start; the lr follows the stage's schedule."""
         if self._optimizer_for != (concept, stage):
             params = [p for k, p in self.params.items() if k.startswith(f"{concept}.")]
             lr = self.settings.lr * (self.settings.first_stage_lr_factor if stage == 0 else 1)
-            self.optimizer = torch.optim.AdamW(params, lr=lr)
+            self.optimizer = torch.optim.AdamW(params, lr=lr, foreach=True)
             self._optimizer_for, self._stage_lr = (concept, stage), lr
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(self._stage_lr, step, self.settings.stage_iterations(stage), self.settings.warmup)
@@ -295,30 +297,29 @@ class CPETrainer(ErasureTrainer):
         concept, stage, step = self.settings.position(self.iteration - 1)
         last_of_stage = step == self.settings.stage_iterations(stage) - 1
         if last_of_stage and stage < self.settings.stages - 1 and self.settings.adv_embeddings > 0:
-            self.deltas[concept] = self.adversarial_embeddings(concept, self.settings.stage_iterations(stage))
+            self.deltas[concept] = self.adversarial_embeddings(concept)
 
-    def adversarial_embeddings(self, concept, iterations):
+    def adversarial_embeddings(self, concept):
         """``adv_embeddings`` additive embeddings that bring back the target's original projections through
-        the frozen ResAG: minimise ``|| W~(c_tgt + delta) - W c_tgt ||^2`` (AdamW, cosine schedule)."""
-        s = self.settings
+        the frozen ResAG: minimise ``|| W~(c_tgt + delta) - W c_tgt ||^2 = || W delta + residual ||^2`` for
+        ``adv_iterations`` steps (AdamW, cosine schedule)."""
+        s, resag = self.settings, self.resags[concept]
         deltas = (torch.randn(s.adv_embeddings, self.tokens, self.empty.shape[-1], generator=self.generator)
                   / self.empty.shape[-1] ** 2).to(self.device).requires_grad_(True)
-        optimizer = torch.optim.AdamW([deltas], lr=s.adv_lr)
-        for tensor in self.resags[concept].tensors.values():
-            tensor.requires_grad_(False)
-        for step in tqdm(range(iterations), desc=f"adversarial embeddings ({self.concepts[concept]})", leave=False,
-                         disable=not self.progress):
+        optimizer = torch.optim.AdamW([deltas], lr=s.adv_lr, foreach=True)
+        frozen = resag.detached()
+        with torch.no_grad():
+            A, K, J = self.geometry.coupling(frozen)
+        for step in tqdm(range(s.adv_iterations), desc=f"adversarial embeddings ({self.concepts[concept]})",
+                         leave=False, disable=not self.progress):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(s.adv_lr, step, iterations, s.warmup)
+                group["lr"] = cosine_lr(s.adv_lr, step, s.adv_iterations, s.warmup)
             E_t, _ = self.target_and_neutral(concept)
-            base = self.base_projection(E_t)
-            attacked = self.edited_projection(E_t + deltas, concept)
-            loss = self.weighted_error(attacked, {n: v.expand_as(attacked[n]) for n, v in base.items()})
+            gated, _ = frozen.gate(E_t + deltas)
+            loss = self.geometry.error(deltas, gated @ A, K, J)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        for tensor in self.resags[concept].tensors.values():
-            tensor.requires_grad_(True)
         return deltas.detach()
 
     # -- state, outputs --
@@ -344,11 +345,12 @@ class CPETrainer(ErasureTrainer):
         return self.settings.total_iterations()
 
     def describe(self):
-        return [f"CPE '{word}': {len(kept)} anchors ({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})"
-                for word, kept in zip(self.concepts, self.anchors)]
+        return [f"CPE '{word}': {len(sentences)} training sentences, {len(kept)} anchors "
+                f"({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})"
+                for word, sentences, kept in zip(self.concepts, self.sentences, self.anchors)]
 
     def record(self):
-        return {"anchors": [list(kept) for kept in self.anchors]}
+        return {"anchors": [list(kept) for kept in self.anchors], "sentences": [list(s) for s in self.sentences]}
 
     def summary(self):
         return {"concepts": list(self.concepts), "anchors": [len(a) for a in self.anchors],
@@ -361,15 +363,14 @@ class CPETrainer(ErasureTrainer):
         for resag in self.resags:
             save_term(run_dir, resag.concept, {k: v.detach().cpu() for k, v in resag.tensors.items()},
                       {**metadata, "rank": s.rank, "gate_rank": s.gate_rank, "alpha": s.alpha,
-                       "text_width": resag.width, "anchors": json.dumps(self.anchors[self.concepts.index(resag.concept)])})
+                       "gate_temperature": s.gate_temperature, "gate_floor": s.gate_floor, "text_width": resag.width, "anchors": json.dumps(self.anchors[self.concepts.index(resag.concept)])})
 
     def edited_model(self):
         """The model with every trained ResAG wrapped around it (wrapped anew when unwrapped)."""
         hooks = getattr(self.model, "resag_hooks", None)
         if hooks is not None and hooks.handles:
             return self.model
-        apply_resags(self.model, [ResAG(r.concept, {k: v.detach() for k, v in r.tensors.items()}, r.rank,
-                                        r.gate_rank, r.alpha) for r in self.resags])
+        apply_resags(self.model, [r.detached() for r in self.resags])
         return self.model
 
     def base_values(self):

@@ -3,8 +3,12 @@ wrapped around a model's cross-attention ``to_k``/``to_v`` (ours or a diffusers 
 
 On the text embedding ``E`` (tokens x width):
 
-    Q = E U1,  K = E U2,  P = softmax(Q K^T / sqrt(r_gate)),  Ebar = P E,  g = sigmoid(Ebar v)
+    Q = E U1,  K = E U2,  P = softmax(Q K^T / T),  Ebar = P E,  g = sigmoid(Ebar v)
     out = W E + (g * Ebar) A_l B_l (alpha / r)
+
+``T`` is the gate's temperature: 1 in the public code (runs written before the setting existed used
+``sqrt(r_gate)`` and load with it). An optional floor (our extension, 0 = off) zeroes gates below it, so a
+prompt on which a concept's gate is merely small gets exactly no residual.
 
 The gate (``U1``, ``U2``, ``v``) is shared by every layer of one concept; ``A_l``, ``B_l`` are per layer;
 ``B`` and ``v`` start at zero, so an untrained ResAG changes nothing. With several concepts each token
@@ -32,13 +36,16 @@ def gated_projections(unet):
     return layers
 
 
-def gate(E, U1, U2, v):
+def gate(E, U1, U2, v, temperature=1.0, floor=0.0):
     """The shared gate on text embeddings ``E`` (batch, tokens, width): ``(g * Ebar, g)`` with
-    ``Ebar = softmax(E U1 (E U2)^T / sqrt(r_gate)) E`` and ``g = sigmoid(Ebar v)`` per token."""
+    ``Ebar = softmax(E U1 (E U2)^T / temperature) E`` and ``g = sigmoid(Ebar v)`` per token; gates below
+    ``floor`` are zero."""
     Q, K = E @ U1, E @ U2
-    P = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(U1.shape[-1]), dim=-1)
+    P = torch.softmax(Q @ K.transpose(-1, -2) / temperature, dim=-1)
     E_bar = P @ E
     g = torch.sigmoid(E_bar @ v)
+    if floor > 0:
+        g = torch.where(g >= floor, g, torch.zeros_like(g))
     return g.unsqueeze(-1) * E_bar, g
 
 
@@ -61,13 +68,14 @@ class ResAG:
     """One concept's ResAG: gate tensors ``U1``, ``U2`` (width x gate_rank), ``v`` (width), and per wrapped
     layer ``A`` (width x rank) and ``B`` (rank x out), ``B`` and ``v`` zero."""
 
-    def __init__(self, concept, tensors, rank, gate_rank, alpha):
+    def __init__(self, concept, tensors, rank, gate_rank, alpha, temperature=1.0, floor=0.0):
         self.concept, self.tensors = concept, tensors
         self.rank, self.gate_rank, self.alpha = rank, gate_rank, alpha
         self.scale = alpha / rank
+        self.temperature, self.floor = temperature, floor
 
     @classmethod
-    def new(cls, concept, layers, width, rank, gate_rank, alpha, generator, device="cpu"):
+    def new(cls, concept, layers, width, rank, gate_rank, alpha, generator, device="cpu", temperature=1.0, floor=0.0):
         """A fresh ResAG for ``layers`` (name -> nn.Linear): changes nothing until trained. ``U1``/``U2``
         start small (std 1/width) so that attention starts near mean-pooling yet has a gradient (the
         public code's 1/width^2-scaled start barely moves)."""
@@ -78,14 +86,20 @@ class ResAG:
         for name, layer in layers.items():
             tensors[f"A.{name}"] = randn(width, rank, std=1 / math.sqrt(width))
             tensors[f"B.{name}"] = torch.zeros(rank, layer.out_features, device=device)
-        return cls(concept, tensors, rank, gate_rank, alpha)
+        return cls(concept, tensors, rank, gate_rank, alpha, temperature, floor)
 
     @property
     def width(self):
         return self.tensors["U1"].shape[0]
 
     def gate(self, E):
-        return gate(E, self.tensors["U1"], self.tensors["U2"], self.tensors["v"])
+        t = self.tensors
+        return gate(E, t["U1"], t["U2"], t["v"], self.temperature, self.floor)
+
+    def detached(self):
+        """The same ResAG with detached tensors (for wrapping a model while training goes on)."""
+        return ResAG(self.concept, {k: v.detach() for k, v in self.tensors.items()}, self.rank, self.gate_rank,
+                     self.alpha, self.temperature, self.floor)
 
     def residual(self, gated, layer):
         return layer_residual(gated, self.tensors[f"A.{layer}"], self.tensors[f"B.{layer}"], self.scale)
@@ -157,8 +171,11 @@ def read_resags(run_dir):
     resags = []
     for path in term_files(run_dir):
         tensors, metadata = read_term(path)
-        resags.append(ResAG(metadata["concept"], tensors, int(metadata["rank"]), int(metadata["gate_rank"]),
-                            float(metadata["alpha"])))
+        gate_rank = int(metadata["gate_rank"])
+        # runs written before the temperature was a setting were trained with sqrt(gate_rank)
+        temperature = float(metadata.get("gate_temperature", math.sqrt(gate_rank)))
+        resags.append(ResAG(metadata["concept"], tensors, int(metadata["rank"]), gate_rank, float(metadata["alpha"]),
+                            temperature, float(metadata.get("gate_floor", 0.0))))
     return resags
 
 

@@ -10,7 +10,8 @@ from functools import partial
 from typing import Callable
 
 from ldm.erasure.cie import CiESettings, CiETrainer
-from ldm.erasure.cpe import CPESettings, CPETrainer, anchors_for
+from ldm.erasure.cpe import CPESettings, CPETrainer
+from ldm.erasure.cpe_prompts import anchors_for
 from ldm.erasure.cpe_gates import apply_resags_of, apply_to_diffusers as apply_resags_to_diffusers
 from ldm.erasure.esd import ESDSettings, ESDTrainer, run_name as esd_run_name
 from ldm.erasure.folding import fold_into_diffusers
@@ -134,7 +135,8 @@ REGISTRY = [
     Method(name="sepce", family="sepce", description="SepCE: one separable, restorable term per concept, exact on "
            "the protected prompts", settings=SepCESettings, build=_sepce_build, apply=apply_terms_of,
            apply_to_diffusers=partial(fold_into_diffusers, apply=apply_terms_of), restorable=True, foldable=True,
-           bars={**ESD_BARS, "same attribute": 2.0}, run_name=_sepce_run_name, concept_images=True, max_devices=1,
+           bars={**ESD_BARS, "same attribute": 3.0, "other attributes": 2.0}, run_name=_sepce_run_name,
+           concept_images=True, max_devices=1,
            benchmarked=True, base_of=_sepce_base, records=(("sepce", None),)),
     Method(name="cpe", family="cpe", description="CPE: a residual attention gate per concept on cross-attention "
            "keys and values, trained on text alone (restorable)", settings=CPESettings, build=_cpe_build,

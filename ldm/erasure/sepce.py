@@ -173,7 +173,8 @@ class SepCETrainer(ConceptIrrelevance, ErasureTrainer):
         return {n: weight_delta(alpha, self.basis, self.settings.beta) for n, alpha in self.params.items()}
 
     def student(self, x, t, context):
-        edited = {n: self.weights[n] + d for n, d in self.deltas().items()}
+        self._student_deltas = self.deltas()
+        edited = {n: self.weights[n] + d for n, d in self._student_deltas.items()}
         with self.autocast():
             return functional_call(self.unet, edited, (x, t), {"context": context}, strict=False).float()
 
@@ -183,6 +184,10 @@ class SepCETrainer(ConceptIrrelevance, ErasureTrainer):
 
     def weight_deltas(self):
         return list(self.deltas().values())
+
+    def edited_weights(self):
+        """The last ``student`` call's weight changes: their gradient is d L / d W of the edited weights."""
+        return list(self._student_deltas.values())
 
     def summary(self):
         return {**super().summary(), "null_space_dims": int(self.basis.shape[1]),
@@ -198,7 +203,8 @@ class SepCETrainer(ConceptIrrelevance, ErasureTrainer):
     def new_term(self):
         """The trained term: its alphas, basis and beta, with its concept and protected set."""
         return {"concept": self.settings.prompt, "protected": self.protected, "beta": self.settings.beta,
-                "basis": self.basis64.float().cpu(), "alphas": {n: a.detach().cpu() for n, a in self.params.items()}}
+                "basis": self.basis64.float().cpu(), "alphas": {n: a.detach().cpu() for n, a in self.params.items()},
+                "metadata": {"l1_lambda": str(self.l1_lambda), "stop_iteration": str(self.rule.stop_iteration)}}
 
     def save_edit(self, run_dir, metadata):
         """Every term of the run: the earlier ones as they were, and the new one."""

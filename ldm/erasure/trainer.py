@@ -91,6 +91,13 @@ class ErasureTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration, self.losses = 0, []
+        self.gradient_sum = None  # accumulate_gradients(): the sum of every step's gradient so far
+
+    def accumulate_gradients(self):
+        """Step on the sum of every iteration's gradient so far, as CiE's public code does (it never zeroes
+        them), instead of on each iteration's own. The sum is kept unscaled (fp16 loss scaling changes
+        its scale between steps) and is part of the resumable state. Other methods never call this."""
+        self.gradient_sum = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
     def autocast(self):
         """Autocast to the trainer's dtype (disabled when none)."""
@@ -115,22 +122,35 @@ class ErasureTrainer:
 
     def step(self):
         """One iteration; returns its loss. A non-finite loss raises before any weight changes."""
-        self.optimizer.zero_grad(set_to_none=True)  # every step: the CiE public code never does
+        self.optimizer.zero_grad(set_to_none=True)  # this iteration's own gradient (summed below if accumulating)
         loss = self.loss()
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; the weights from before "
                                 "it are kept; lower --lr or check the model's weights")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._add_to_gradient_sum()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            self._add_to_gradient_sum()
             self.optimizer.step()
         self.iteration += 1
         self.losses.append(loss.item())
         self.after_step(loss)
         return self.losses[-1]
+
+    @torch.no_grad()
+    def _add_to_gradient_sum(self):
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if self.gradient_sum is None or not all(torch.isfinite(g).all() for g in grads):
+            return  # an overflowed fp16 step: the scaler skips it, and it is left out of the sum
+        for name, param in self.params.items():
+            if param.grad is not None:
+                self.gradient_sum[name] += param.grad
+            param.grad = self.gradient_sum[name].clone()
 
     def summary(self):
         """Figures a method reports about its run (recorded in ``training.json``)."""
@@ -190,7 +210,9 @@ class ErasureTrainer:
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                 "iteration": self.iteration, "losses": list(self.losses),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "settings": self.settings.as_dict(), "extra": self.extra_state()}
+                "settings": self.settings.as_dict(), "extra": self.extra_state(),
+                "gradient_sum": ({n: g.detach().cpu().clone() for n, g in self.gradient_sum.items()}
+                                 if self.gradient_sum is not None else {})}
 
     def load_state_dict(self, state):
         """Continue from ``state`` (see :meth:`state_dict`); settings must match."""
@@ -207,6 +229,10 @@ class ErasureTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.iteration, self.losses = int(state["iteration"]), list(state["losses"])
+        if self.gradient_sum is not None:
+            with torch.no_grad():
+                for name, total in self.gradient_sum.items():
+                    total.copy_(state["gradient_sum"][name])
         self.load_extra_state(state["extra"])
 
 
