@@ -123,7 +123,7 @@ def test_every_model_config_setting_and_every_flag_reaches_the_trainer(name, tin
     settable = {f.name for f in setting_fields(method.settings) if f.metadata["config"] and f.name not in method.fixed}
     assert set(config_values) == settable, "list every model-config setting in _values"
     assert set().union(*flag_sets) | ({"on"} if name == "sepce" else set()) == flags_of(method)
-    model_config = OmegaConf.merge(load_config(TINY / "config.yaml"), {method.config_blocks[0]: config_values})
+    model_config = OmegaConf.merge(load_config(TINY / "config.yaml"), {method.config_blocks[-1]: config_values})
     config_path = tmp_path / "model.yaml"
     OmegaConf.save(model_config, config_path)
     latents = torch.randn(4, 4, 16, 16)
