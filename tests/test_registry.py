@@ -225,3 +225,13 @@ def test_identity_is_the_weights_and_the_model_section(tmp_path):
 
 def test_report_on_a_model_that_is_not_a_run_says_what_to_pass():
     assert "pass --concept" in one_line_error(call_script("eval-scripts/erasure-report.py", "--model_name", "tiny-sd"))
+
+
+@pytest.mark.parametrize("name,key,value", [("cpe", "anchor_scope", "everything"), ("cie", "gradients", "sum"),
+                                            ("esd-x", "x_t", "late")])
+def test_a_model_configs_value_outside_a_settings_choices_is_one_line(name, key, value):
+    """Flags meet argparse's choices; a model config's block meets the same list, checked once for every method."""
+    method = methods.get(name)
+    config = OmegaConf.create({method.config_blocks[-1]: {key: value}})
+    with pytest.raises(UsageError, match=f"--{key} must be one of .*, got '{value}'"):
+        resolve(method.settings, {"prompt": "moon"}, config, method.config_blocks, method.fixed)

@@ -89,10 +89,7 @@ class CiESettings(MethodSettings):
             raise UsageError(f"--tau must be a number, got {self.tau}")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
-        for name, allowed in (("l1_scale", L1_SCALES), ("gradients", GRADIENTS),
-                              ("direction_loss", DIRECTION_LOSSES), ("momentum_start", MOMENTUM_STARTS)):
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
+        self.check_choices()
         if self.direction_loss == "agreeing" and self.tau <= 0:
             raise UsageError(f"--tau={self.tau} can never stop --direction_loss agreeing (it is never negative); "
                              "use a positive tau, e.g. 5e-5")

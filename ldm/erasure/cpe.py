@@ -159,8 +159,7 @@ class CPESettings(MethodSettings):
         check_positive(self, "lr", "adv_lr", "alpha", "first_stage_lr_factor", "gate_temperature")
         if not 0 <= self.gate_floor < 1:
             raise UsageError(f"--gate_floor must be in [0, 1) (a gate is a sigmoid), got {self.gate_floor}")
-        if self.anchor_scope not in ANCHOR_SCOPES:
-            raise UsageError(f"--anchor_scope must be one of {', '.join(ANCHOR_SCOPES)}, got '{self.anchor_scope}'")
+        self.check_choices()
         for concept in concepts:
             self.sentences(concept)
         return self

@@ -76,8 +76,6 @@ def domain_vocabulary(concept, scope="attribute"):
     """A tiny-sd concept's anchor domain (``--anchor_vocab concept-world``): the other values of its attribute
     (``scope`` ``attribute``, the public code's choice: a target's own domain), or every other concept of every
     attribute (``every-concept``, this project's earlier choice, which anchors the words a target is drawn with)."""
-    if scope not in ANCHOR_SCOPES:
-        raise UsageError(f"--anchor_scope must be one of {', '.join(ANCHOR_SCOPES)}, got '{scope}'")
     check_concept_world(concept, "--anchor_vocab")
     values = ATTRIBUTES[attribute_of(concept)] if scope == "attribute" else all_concepts()
     return [concept_text(v) for v in values if v not in (concept, "none")]

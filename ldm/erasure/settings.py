@@ -35,6 +35,14 @@ class MethodSettings:
 
     def check(self):
         """Refuse bad values with one line each; returns self."""
+        return self.check_choices()
+
+    def check_choices(self):
+        """A setting declared with ``choices`` holds one of them (a model config's value too); one line if not."""
+        for f in setting_fields(type(self)):
+            allowed, value = f.metadata["choices"], getattr(self, f.name)
+            if allowed and value not in allowed:
+                raise UsageError(f"--{f.name} must be one of {', '.join(map(str, allowed))}, got '{value}'")
         return self
 
     def concepts(self):
@@ -122,7 +130,7 @@ def resolve(cls, flags, model_config=None, blocks=(), fixed=None):
         else:
             values[f.name], sources[f.name] = f.default, "paper"
     cls.adjust_defaults(values, sources)
-    return cls(**values).check(), sources
+    return cls(**values).check_choices().check(), sources
 
 
 def describe(settings, sources):
