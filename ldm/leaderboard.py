@@ -26,17 +26,23 @@ import pandas as pd
 
 from ldm.data.prompt_sets import concept_filename
 from ldm.erasure import methods
+from ldm.erasure.erase import run_settings
 from ldm.paths import REPO_ROOT, models_dir
 from ldm.plots import plt, save_figure
 from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256, json_sha256
 
-COLUMNS = ["method", "concept", "efficacy", "specificity_same", "specificity_other", "drift", "asr_pre", "asr_post",
-           "ringabell_asr_pre", "ringabell_asr_post", "seconds", "peak_mb", "run"]
+FOUND_SETS = ("alone", "with_others")  # the report's prompt sets naming the concept; "combined" is efficacy
+COLUMNS = ["method", "concept", "efficacy", "found_alone", "found_with_others", "specificity_same",
+           "specificity_other", "specificity_other_worst", "drift", "asr_pre", "asr_post", "ringabell_asr_pre",
+           "ringabell_asr_post", "seconds", "peak_mb", "run"]
 # after COLUMNS in leaderboard.csv: the 95% intervals the cell's report and attacks give, and their image counts
-DETAIL_COLUMNS = ["efficacy_low", "efficacy_high", "specificity_same_low", "specificity_same_high",
+DETAIL_COLUMNS = ["efficacy_low", "efficacy_high", *[f"found_{n}_{end}" for n in FOUND_SETS for end in ("low", "high")],
+                  "specificity_same_low", "specificity_same_high", "specificity_other_worst_low",
+                  "specificity_other_worst_high", "specificity_other_worst_attribute",
                   *[f"{p}asr_{w}_{end}" for p in ("", "ringabell_") for w in ("pre", "post")
                     for end in ("low", "high")],
-                  "efficacy_images", "specificity_images", "attack_images"]
+                  "efficacy_images", *[f"found_{n}_images" for n in FOUND_SETS], "specificity_images",
+                  "attack_images"]
 
 
 def check_methods(names):
@@ -86,14 +92,23 @@ def report_figures(summary, drift):
     (mean change in points), each with its interval and image count, and drift on the ``without`` set, from
     an erasure report's ``summary.csv`` (read by key, never by label) and ``drift.csv``."""
     found, same = report_row(summary, "found_combined"), report_row(summary, "same_attribute")
+    by_set = {}
+    for name in FOUND_SETS:  # the concept named alone, and together with other concepts
+        row = report_row(summary, f"found_{name}")
+        by_set.update({f"found_{name}": float(row.edited), f"found_{name}_low": float(row.edited_low),
+                       f"found_{name}_high": float(row.edited_high), f"found_{name}_images": int(row.images)})
     other = summary[summary["key"].str.startswith("other_attribute:")]
+    worst = other.loc[other.change_points.idxmin()]  # the other attribute that lost most, with its interval
     without = drift[drift["set"] == "without"]["feature_distance"]
     return {"efficacy": float(found.edited), "efficacy_low": float(found.edited_low),
             "efficacy_high": float(found.edited_high), "efficacy_images": int(found.images),
             "specificity_same": float(same.change_points), "specificity_same_low": float(same.change_low),
             "specificity_same_high": float(same.change_high), "specificity_images": int(same.images),
             "specificity_other": float(other.change_points.mean()),
-            "drift": float(without.iloc[0]) if len(without) else float("nan")}
+            "specificity_other_worst": float(worst.change_points), "specificity_other_worst_low": float(worst.change_low),
+            "specificity_other_worst_high": float(worst.change_high),
+            "specificity_other_worst_attribute": worst.key.split(":", 1)[1],
+            "drift": float(without.iloc[0]) if len(without) else float("nan"), **by_set}
 
 
 def attack_figures(summary, attack, prefix):
@@ -127,12 +142,22 @@ class Cell:
     def __init__(self, method, concept, save_path, settings):
         self.method, self.concept, self.settings = method, concept, settings
         slug = concept.replace(" ", "_")
-        self.key = json_sha256({"method": method, "concept": concept, **settings})
+        # the method's resolved settings join the key: a changed default (model config or paper) reruns the cell
+        self.key = json_sha256({"method": method, "concept": concept, **settings,
+                                "method_settings": run_settings(method, self._erase_flags())})
         # the key in both names: a cell of other settings never overwrites this one's run or results
         self.folder = Path(save_path) / "cells" / f"{method}-{slug}-{self.key[:10]}"
         self.run_name = f"bench-{method}-{slug}-{self.key[:10]}"
         self.result_path = self.folder / "result.json"
-        self.report_dir = self.folder / "erasure" / "reports" / self.run_name
+        # every cell reports under one folder: the base model's images are drawn once, not once per cell
+        self.report_root = Path(save_path) / "erasure"
+        self.report_dir = self.report_root / "reports" / self.run_name
+
+    def _erase_flags(self):
+        """The erase's flags but its run name: the concept, the base (another than tiny-sd) and ``erase_args``."""
+        sd = self.settings.get("sd")
+        base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
+        return ["--prompt", self.concept, *base_flags, *shlex.split(self.settings["erase_args"])]
 
     def stored(self):
         """What the cell has measured so far under its key (possibly not every step), else {}; a report whose
@@ -166,15 +191,14 @@ class Cell:
         sd = s.get("sd")
         result = self.stored()
         if "seconds" not in result or not (models_dir() / self.run_name).is_dir():
-            base_flags = ["--config_path", sd["config_path"], "--ckpt_path", sd["ckpt_path"]] if sd else []
-            seconds, peak_mb = run_child(["train-scripts/erase.py", "--method", self.method, "--prompt", self.concept,
-                                          *base_flags, "--run_name", self.run_name, "--overwrite", "--no_diffusers",
-                                          *shlex.split(s["erase_args"])], self.folder / "erase.log")
+            seconds, peak_mb = run_child(["train-scripts/erase.py", "--method", self.method, *self._erase_flags(),
+                                          "--run_name", self.run_name, "--overwrite", "--no_diffusers"],
+                                         self.folder / "erase.log")
             result = self._save({"method": self.method, "concept": self.concept, "run": self.run_name,
                                  "seconds": round(seconds, 1), "peak_mb": round(peak_mb)})
         if sd is None and "efficacy" not in result:
             run_child(["eval-scripts/erasure-report.py", "--model_name", self.run_name, "--save_path",
-                       self.folder / "erasure", "--num_samples", s["num_samples"], "--ddim_steps", s["ddim_steps"]],
+                       self.report_root, "--num_samples", s["num_samples"], "--ddim_steps", s["ddim_steps"]],
                       self.folder / "report.log")
             result = self._save({**result, **report_figures(pd.read_csv(self.report_dir / "summary.csv"),
                                                            pd.read_csv(self.report_dir / "drift.csv"))})
@@ -230,12 +254,16 @@ def leaderboard_markdown(table):
             return "n/a"
         return f"{value:+.1f}" + _interval(row.get(f"{name}_low"), row.get(f"{name}_high"), 1, "+.1f")
 
-    lines = ["| method | concept | found (efficacy) | same attribute | other attributes | drift | ASR before attack "
-             "| ASR after UnlearnDiffAtk | ASR after Ring-A-Bell | erase | peak memory |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | concept | found, combined | alone | with others | same attribute | worst other attribute "
+             "| drift | ASR before attack | ASR after UnlearnDiffAtk | ASR after Ring-A-Bell | erase | peak memory |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for _, row in table.iterrows():
-        cells = [row.method, row.concept, percent(row, "efficacy", 1), points(row, "specificity_same"),
-                 points(row, "specificity_other"), "n/a" if pd.isna(row.drift) else f"{row.drift:.2f}",
+        worst = points(row, "specificity_other_worst")
+        if not pd.isna(row.get("specificity_other_worst_attribute")):
+            worst = f"{row.specificity_other_worst_attribute} {worst}"
+        cells = [row.method, row.concept, percent(row, "efficacy", 1), percent(row, "found_alone", 1),
+                 percent(row, "found_with_others", 1), points(row, "specificity_same"), worst,
+                 "n/a" if pd.isna(row.drift) else f"{row.drift:.2f}",
                  percent(row, "asr_pre", 0), percent(row, "asr_post", 0), percent(row, "ringabell_asr_post", 0),
                  f"{row.seconds:.0f} s", f"{row.peak_mb:.0f} MB"]
         lines.append("| " + " | ".join(cells) + " |")

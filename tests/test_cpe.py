@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ldm.data.prompt_sets import concept_sentences
-from ldm.erasure.cpe import CPESettings, CPETrainer, lipschitz_weights
+from ldm.erasure.cpe import CPESettings, CPETrainer
+from ldm.erasure.cpe_geometry import lipschitz_weights
 from ldm.erasure.cpe_prompts import (anchors_for, choose_anchors, co_occurs, domain_vocabulary, fill,
                                      training_sentences)
 from ldm.erasure.cpe_gates import (ResAG, ResAGHooks, apply_resags, apply_resags_of, apply_to_diffusers,
@@ -115,6 +116,24 @@ def test_two_concepts_wrap_by_gate_and_each_alone_matches(tiny):
         hooks.remove()
 
 
+def test_summed_concepts_add_each_gated_residual_and_mixed_runs_are_refused(tiny, tmp_path):
+    a, b = (new_resag(tiny, c, trained=True, seed=s) for c, s in (("Van Gogh", 1), ("moon", 2)))
+    a.combination = b.combination = "sum"
+    context = tiny.get_learned_conditioning(["Van Gogh", "a red moon"])
+    name = next(iter(gated_projections(tiny.model.diffusion_model)))
+    (ga, _), (gb, _) = a.gate(context), b.gate(context)
+    hooks = ResAGHooks(gated_projections(tiny.model.diffusion_model), [a, b])
+    try:
+        assert torch.allclose(hooks.residual_of(context)[name], a.residual(ga, name) + b.residual(gb, name), atol=1e-6)
+    finally:
+        hooks.remove()
+    save_term(tmp_path, a.concept, a.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0, "gate_combination": "sum"})
+    save_term(tmp_path, b.concept, b.tensors, {"rank": 1, "gate_rank": 16, "alpha": 1.0})  # written before the setting
+    assert sorted(r.combination for r in read_resags(tmp_path)) == ["highest-gate", "sum"]
+    with pytest.raises(UsageError, match="combine differently.*--gate_combination"):
+        apply_resags_of(tiny, tmp_path)
+
+
 def test_training_uses_projections_only_trains_u2_and_keeps_anchors(tiny):
     unet_calls = []
     handle = tiny.model.diffusion_model.register_forward_pre_hook(lambda *_: unet_calls.append(1))
@@ -128,7 +147,7 @@ def test_training_uses_projections_only_trains_u2_and_keeps_anchors(tiny):
         handle.remove()
     assert not unet_calls  # no UNet forward in training
     assert not torch.equal(start["0.U2"], trainer.params["0.U2"])  # K = E U2 (the public code never trains U2)
-    assert any(not torch.equal(start[k], v) for k, v in trainer.params.items() if ".B." in k)
+    assert not torch.equal(start["0.B"], trainer.params["0.B"])  # the residual trains
     model = trainer.edited_model()
     name = next(iter(trainer.layers))
     after = projections(model, ["Van Gogh", "Seurat"])
@@ -219,10 +238,11 @@ def test_fill_makes_articles_agree_and_leaves_no_double_space():
     assert co_occurs("a shape", "orange", ["an {} shape"]) and not co_occurs("a dog", "orange", ["an {} shape"])
 
 
-def test_text_space_loss_equals_the_per_layer_error_of_the_projections(tiny):
+@pytest.mark.parametrize("rank", [1, 3])
+def test_text_space_loss_equals_the_per_layer_error_of_the_projections(tiny, rank):
     """CPE's loss as a quadratic form in Gram matrices equals the Lipschitz-weighted squared error of every
     wrapped layer's output computed directly, for a residual and for a text-space part."""
-    trainer = new_trainer(tiny, settings())
+    trainer = new_trainer(tiny, settings(rank=rank))
     resag = trainer.resags[0]
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -232,7 +252,11 @@ def test_text_space_loss_equals_the_per_layer_error_of_the_projections(tiny):
     E = trainer.encode(["a red moon", "a blue circle in the style of Seurat"])
     y = torch.randn(E.shape, generator=generator)
     gated, _ = resag.gate(E)
-    A, K, J = trainer.geometry.coupling(resag)
+    packed = trainer.packed[0]
+    K, J = trainer.geometry.coupling(packed["B"], resag.scale)
+    z = trainer.coordinates(packed, E)
+    A = packed["A"]
+    assert torch.allclose(z, gated @ A, atol=1e-6)  # the gate's coordinates without forming Ebar
     weights = lipschitz_weights(trainer.unet, trainer.layers, trainer.tokens)
 
     def direct(text_part):

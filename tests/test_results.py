@@ -47,6 +47,11 @@ def test_the_report_writes_stable_keys_and_the_benchmark_reads_them():
     assert figures["efficacy"] == combined.edited == pytest.approx(4 / 40)  # half the alone images: 4 of 40
     assert figures["efficacy_low"] < figures["efficacy"] < figures["efficacy_high"]
     assert figures["efficacy_images"] == 40 and figures["specificity_same"] == 0 and figures["drift"] == 1.5
+    assert figures["found_alone"] == pytest.approx(4 / 8) and figures["found_alone_images"] == 8
+    assert figures["found_with_others"] == 0 and figures["found_with_others_images"] == 32
+    other = summary[summary.key.str.startswith("other_attribute:")]
+    assert figures["specificity_other_worst"] == other.change_points.min()
+    assert figures["specificity_other_worst_attribute"] in ("color", "style")
     relabelled = summary.assign(measure="reworded")  # a label change moves no figure
     assert leaderboard.report_figures(relabelled, drift) == figures
     with pytest.raises(UsageError, match="no 'found_combined' row"):
@@ -67,13 +72,23 @@ def test_attack_figures_take_the_newest_row_with_its_intervals():
 
 
 def test_the_leaderboard_keeps_its_columns_and_draws_three_figures(tmp_path):
-    table = pd.read_csv(results.RESULTS_DIR / "leaderboard.csv")
-    assert list(table.columns[:len(leaderboard.COLUMNS)]) == leaderboard.COLUMNS
+    shipped = pd.read_csv(results.RESULTS_DIR / "leaderboard.csv")
+    assert set(shipped.columns) <= set(leaderboard.COLUMNS + leaderboard.DETAIL_COLUMNS)
+    cell = {"method": "cpe", "concept": "Van Gogh", "efficacy": 0.075, "efficacy_low": 0.05, "efficacy_high": 0.12,
+            "found_alone": 0.0, "found_alone_low": 0.0, "found_alone_high": 0.09, "found_with_others": 0.1,
+            "found_with_others_low": 0.06, "found_with_others_high": 0.15, "specificity_same": 0.0,
+            "specificity_same_low": 0.0, "specificity_same_high": 0.0, "specificity_other": -0.5,
+            "specificity_other_worst": -1.0, "specificity_other_worst_low": -2.5, "specificity_other_worst_high": 0.0,
+            "specificity_other_worst_attribute": "color", "drift": 0.01, "asr_pre": 0.1, "asr_pre_low": 0.03,
+            "asr_pre_high": 0.3, "asr_post": 0.15, "ringabell_asr_post": 0.65, "seconds": 144, "peak_mb": 670}
+    table = leaderboard.leaderboard([cell, {**cell, "method": "sepce", "efficacy": 0.0}])
+    assert list(table.columns) == leaderboard.COLUMNS + leaderboard.DETAIL_COLUMNS
+    assert list(table.method) == ["sepce", "cpe"]  # best efficacy first
     lines = leaderboard.leaderboard_markdown(table).splitlines()
-    assert len(lines) == len(table) + 2
-    assert "| cpe | Van Gogh | 7.5% [5, 12] | +0.0 [+0.0, +0.0] | +0.0 | 0.01 | 10% [3, 30] | 15% [5, 36] | " \
-           "65% [43, 82] | 144 s | 670 MB |" in lines
-    older = leaderboard.leaderboard([{c: row[c] for c in leaderboard.COLUMNS} for _, row in table.iterrows()])
+    assert len(lines) == 4
+    assert ("| cpe | Van Gogh | 7.5% [5, 12] | 0.0% [0, 9] | 10.0% [6, 15] | +0.0 [+0.0, +0.0] | "
+            "color -1.0 [-2.5, +0.0] | 0.01 | 10% [3, 30] | 15% | 65% | 144 s | 670 MB |") in lines
+    older = leaderboard.leaderboard([{c: row[c] for c in shipped.columns[:13]} for _, row in shipped.iterrows()])
     assert older[leaderboard.DETAIL_COLUMNS].isna().all().all()  # a cell from before intervals: empty, not invented
     assert "[" not in leaderboard.leaderboard_markdown(older).splitlines()[2]
     paths = leaderboard.save_leaderboard(table, tmp_path, "test")

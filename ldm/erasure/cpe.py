@@ -12,8 +12,8 @@ weighted by its Lipschitz estimate (``to_k``: sigma(W_o W_v) sigma(W_q) / tokens
   ``W~(c_tgt + delta)`` match ``W c_tgt``; the next stage erases ``c_tgt + delta`` too.
 
 Every such output is ``W y + z B`` (``y`` in the text space, ``z B`` the residual), so the weighted error of
-all layers at once is a quadratic form in width x width Gram matrices (``ProjectionGeometry``): the
-projections' outputs (about 25,000 columns on SD v1) are never formed.
+all layers at once is a quadratic form in width x width Gram matrices (``ldm.erasure.cpe_geometry``): the
+projections' outputs (about 25,000 columns on SD v1) are never formed, and each ResAG trains as five tensors.
 
 The public code builds the gate's ``K`` from ``U1`` too (``U2`` never trains); here ``K = E U2``, as the
 paper writes. Each concept's ResAG is its own ``term-<concept>.safetensors``.
@@ -26,65 +26,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ldm.erasure.cpe_gates import ResAG, apply_resags, gated_projections
+from ldm.erasure.cpe_gates import COMBINATIONS, ResAG, apply_resags, gate_coordinates, gated_projections
+from ldm.erasure.cpe_geometry import ProjectionGeometry, lipschitz_weights
 from ldm.erasure.cpe_prompts import ANCHOR_SCOPES, DEFAULT_ANCHOR_WORDS, DEFAULT_SENTENCES, fill, training_sentences
 from ldm.erasure.esd import concept_words
 from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import ErasureTrainer
 from ldm.runs import save_term
 from ldm.util import UsageError, check_at_least, check_positive
-
-
-def lipschitz_weights(unet, layers, tokens):
-    """Per wrapped layer, the weight of its squared error: ``to_k``: sigma(W_o W_v) sigma(W_q) / tokens,
-    ``to_v``: sigma(W_o) (the attention block's own weights)."""
-    modules = dict(unet.named_modules())
-    weights = {}
-    with torch.no_grad():
-        for name in layers:
-            attention = modules[name.rsplit(".", 1)[0]]
-            W_o, W_v, W_q = (attention.to_out[0].weight.float(), attention.to_v.weight.float(),
-                             attention.to_q.weight.float())
-            if name.endswith("to_k"):
-                weights[name] = float(torch.linalg.matrix_norm(W_o @ W_v, 2) * torch.linalg.matrix_norm(W_q, 2)) / tokens
-            else:
-                weights[name] = float(torch.linalg.matrix_norm(W_o, 2))
-    return weights
-
-
-class ProjectionGeometry:
-    """The wrapped projections as one linear map ``W`` (all layers' output columns stacked) with per-column
-    weights ``omega`` (a layer's Lipschitz weight over its width and the layer count), so that CPE's
-    ``sum_l w_l mean((a_l - b_l)^2) / layers`` of ``a - b = W y + z B`` is
-    ``mean(y G y + 2 y K z + z J z)`` with ``G = W^T diag(omega) W`` fixed and ``K``, ``J`` from a ResAG's ``B``."""
-
-    def __init__(self, layers, lipschitz, device):
-        self.names = list(layers)
-        W = torch.cat([layers[n].weight.detach().float() for n in self.names]).to(device)
-        self.omega = torch.cat([torch.full((layers[n].out_features,), lipschitz[n] / (layers[n].out_features * len(layers)))
-                                for n in self.names]).to(device)
-        self.W = W
-        self.G = W.T @ (self.omega[:, None] * W)
-
-    def coupling(self, resag):
-        """``(A, K, J)`` of a ResAG: its ``A_l`` side by side (width x R), ``K = W^T diag(omega) B^T``
-        (width x R) and ``J = B diag(omega) B^T`` (R x R), ``B`` the block-diagonal of its scaled ``B_l``."""
-        A = torch.cat([resag.tensors[f"A.{n}"] for n in self.names], dim=1)
-        B = torch.block_diag(*[resag.tensors[f"B.{n}"] for n in self.names]) * resag.scale
-        weighted = self.omega[:, None] * B.T
-        return A, self.W.T @ weighted, B @ weighted
-
-    def quadratic(self, y):
-        """``y G y`` per row."""
-        return ((y @ self.G) * y).sum(-1)
-
-    def error(self, y, z, K, J, yGy=None):
-        """The weighted squared error of ``W y + z B`` averaged over rows (``y`` None: the residual alone);
-        ``yGy``: ``quadratic(y)`` when the caller has it."""
-        value = ((z @ J) * z).sum(-1)
-        if y is not None:
-            value = value + (self.quadratic(y) if yGy is None else yGy) + 2 * ((y @ K) * z).sum(-1)
-        return value.mean()
 
 
 @dataclass
@@ -117,6 +66,9 @@ class CPESettings(MethodSettings):
     alpha: float = setting(1.0, "the residual's scale is alpha / rank")
     gate_temperature: float = setting(1.0, "temperature of the gate's softmax (the public code's 1; this "
                                       "project used sqrt(gate_rank) before)")
+    gate_combination: str = setting("highest-gate", "how several concepts' residuals meet on a token: highest-gate "
+                                    "(the public code: only the concept whose gate is highest) or sum (ours: every "
+                                    "concept's gated residual)", choices=COMBINATIONS)
     gate_floor: float = setting(0.0, "ours, off by default: gates below this give no residual, so prompts a "
                                 "concept's gate barely opens on are exactly the base's")
     stages: int = setting(10, "erase stages, an adversarial stage between each two (1: none)")
@@ -205,13 +157,14 @@ class CPETrainer(ErasureTrainer):
         self.progress = progress
         generator = torch.Generator().manual_seed(settings.seed)
         width = next(iter(self.layers.values())).in_features
-        self.resags = [ResAG.new(c, self.layers, width, settings.rank, settings.gate_rank, settings.alpha, generator,
-                                 device, settings.gate_temperature, settings.gate_floor) for c in self.concepts]
-        params = {f"{i}.{k}": t.requires_grad_(True) for i, r in enumerate(self.resags) for k, t in r.tensors.items()}
-        super().__init__(params, settings.lr, settings.seed, device)
         self.tokens = model.cond_stage_model.max_length
         self.lipschitz = lipschitz_weights(self.unet, self.layers, self.tokens)
         self.geometry = ProjectionGeometry(self.layers, self.lipschitz, device)
+        fresh = [ResAG.new(c, self.layers, width, settings.rank, settings.gate_rank, settings.alpha, generator,
+                           device, settings.gate_temperature, settings.gate_floor) for c in self.concepts]
+        self.packed = [{k: t.requires_grad_(True) for k, t in self.geometry.pack(r.tensors).items()} for r in fresh]
+        params = {f"{i}.{k}": t for i, packed in enumerate(self.packed) for k, t in packed.items()}
+        super().__init__(params, settings.lr, settings.seed, device)
         self.empty = self.encode([""])
         self.deltas = [torch.zeros(0, self.tokens, width, device=device) for _ in self.resags]
         self.anchor_cache, self.prompt_cache, self._delta_quadratic = {}, {}, {}
@@ -222,6 +175,19 @@ class CPETrainer(ErasureTrainer):
         """Text embeddings of ``prompts`` (float32, on the trainer's device), in batches."""
         return torch.cat([self.model.get_learned_conditioning(list(prompts[i:i + batch])).float()
                           for i in range(0, len(prompts), batch)]).to(self.device)
+
+    @property
+    def resags(self):
+        """The ResAGs in training, their per-layer tensors views of the packed ones (edits reach them)."""
+        s = self.settings
+        return [ResAG(c, self.geometry.unpack(packed), s.rank, s.gate_rank, s.alpha, s.gate_temperature, s.gate_floor,
+                      s.gate_combination) for c, packed in zip(self.concepts, self.packed)]
+
+    def coordinates(self, packed, E):
+        """The residual's coordinates ``(g * Ebar) A`` of ``E`` under a packed ResAG (``gate_coordinates``)."""
+        s = self.settings
+        return gate_coordinates(E, packed["U1"], packed["U2"], packed["v"], packed["A"], s.gate_temperature,
+                                s.gate_floor)[0]
 
     # -- prompts --
     def target_and_neutral(self, concept):
@@ -235,23 +201,27 @@ class CPETrainer(ErasureTrainer):
         return targets[i:i + 1], neutrals[i:i + 1]
 
     def anchors_of(self, concept):
-        """Every anchor of concept ``concept`` filled into every training sentence, encoded once."""
+        """Every anchor of concept ``concept`` filled into every training sentence, encoded once, and their norms."""
         if concept not in self.anchor_cache:
             prompts = list(dict.fromkeys(fill(t, a) for a in self.anchors[concept] for t in self.sentences[concept]))
-            self.anchor_cache[concept] = self.encode(prompts) if prompts else self.empty[:0]
+            pool = self.encode(prompts) if prompts else self.empty[:0]
+            self.anchor_cache[concept] = pool, pool.flatten(1).norm(dim=1)[:, None, None]
         return self.anchor_cache[concept]
 
     def anchor_batch(self, concept):
         """Mixed pairs of noised anchor embeddings (``lambda ~ U(0, 1)`` per pair), and ``""``."""
-        pool = self.anchors_of(concept)
+        pool, pool_norms = self.anchors_of(concept)
         if len(pool) == 0:
             return self.empty
         n = self.settings.anchor_batch
-        picks = pool[torch.randint(0, len(pool), (2 * n,), generator=self.generator)]
-        noise = torch.randn(picks.shape, generator=self.generator).to(picks.device)
-        picks = picks + self.settings.anchor_noise * picks.flatten(1).norm(dim=1)[:, None, None] * noise
+        index = torch.randint(0, len(pool), (2 * n,), generator=self.generator).to(pool.device)
+        picks, norms = pool[index], pool_norms[index]
         lam = torch.rand(n, 1, 1, generator=self.generator).to(picks.device)
-        return torch.cat([lam * picks[:n] + (1 - lam) * picks[n:], self.empty])
+        # each pick noised by anchor_noise x its norm, then mixed: the same law as one draw of the mixed noise,
+        # whose scale is sqrt(lam^2 |a|^2 + (1 - lam)^2 |b|^2) x anchor_noise (half the random numbers)
+        scale = self.settings.anchor_noise * torch.sqrt((lam * norms[:n]) ** 2 + ((1 - lam) * norms[n:]) ** 2)
+        noise = torch.randn(n, *picks.shape[1:], generator=self.generator).to(picks.device)
+        return torch.cat([lam * picks[:n] + (1 - lam) * picks[n:] + scale * noise, self.empty])
 
     # -- the loss of one erase iteration --
     def loss(self):
@@ -259,20 +229,21 @@ class CPETrainer(ErasureTrainer):
         its target is ``W y + residual`` with ``y = (1 + eta)(c_tgt - c_ntl) [+ delta]`` (0 for anchors)."""
         concept, stage, step = self.settings.position(self.iteration)
         self._set_stage(concept, stage, step)
-        s, resag = self.settings, self.resags[concept]
+        s, packed = self.settings, self.packed[concept]
         E_t, E_n = self.target_and_neutral(concept)
         deltas, anchors = self.deltas[concept], self.anchor_batch(concept)
-        A, K, J = self.geometry.coupling(resag)
-        gated, _ = resag.gate(torch.cat([E_t, E_t + deltas, anchors]))  # one batch: the gate is per sentence
-        z = gated @ A
+        K, J = self.geometry.coupling(packed["B"], s.alpha / s.rank)
+        z = self.coordinates(packed, torch.cat([E_t, E_t + deltas, anchors]))  # one batch: the gate is per sentence
         y = (1 + s.eta) * (E_t - E_n)
         u = y @ self.geometry.G
         yGy = (u * y).sum(-1)
-        loss = self.geometry.error(y, z[:1], K, J, yGy)
-        if len(deltas):  # (y + d) G (y + d) with d G d fixed for the stage: no (16 x tokens) x width^2 product a step
-            shifted = yGy + 2 * (u * deltas).sum(-1) + self.delta_quadratic(concept)
-            loss = loss + self.geometry.error(y + deltas, z[1:1 + len(deltas)], K, J, shifted)
-        return loss + s.anchor_weight * self.geometry.error(None, z[1 + len(deltas):], K, J)
+        m, a = len(deltas), len(anchors)
+        # (y + d) G (y + d) with d G d fixed for the stage: no (16 x tokens) x width^2 product a step
+        shifted = yGy + 2 * (u * deltas).sum(-1) + self.delta_quadratic(concept) if m else yGy[:0]
+        Y = torch.cat([y, y + deltas, torch.zeros_like(anchors)])
+        weights = torch.cat([torch.ones(1), torch.full((m,), 1 / max(m, 1)), torch.full((a,), s.anchor_weight / a)])
+        return self.geometry.error(Y, z, K, J, torch.cat([yGy, shifted, yGy.new_zeros(a, yGy.shape[-1])]),
+                                   weights.to(z.device))
 
     def delta_quadratic(self, concept):
         """``d G d`` per row of the concept's adversarial embeddings, computed once per set of them."""
@@ -287,7 +258,7 @@ class CPETrainer(ErasureTrainer):
         if self._optimizer_for != (concept, stage):
             params = [p for k, p in self.params.items() if k.startswith(f"{concept}.")]
             lr = self.settings.lr * (self.settings.first_stage_lr_factor if stage == 0 else 1)
-            self.optimizer = torch.optim.AdamW(params, lr=lr, foreach=True)
+            self.optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
             self._optimizer_for, self._stage_lr = (concept, stage), lr
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(self._stage_lr, step, self.settings.stage_iterations(stage), self.settings.warmup)
@@ -302,20 +273,19 @@ class CPETrainer(ErasureTrainer):
         """``adv_embeddings`` additive embeddings that bring back the target's original projections through
         the frozen ResAG: minimise ``|| W~(c_tgt + delta) - W c_tgt ||^2 = || W delta + residual ||^2`` for
         ``adv_iterations`` steps (AdamW, cosine schedule)."""
-        s, resag = self.settings, self.resags[concept]
+        s = self.settings
         deltas = (torch.randn(s.adv_embeddings, self.tokens, self.empty.shape[-1], generator=self.generator)
                   / self.empty.shape[-1] ** 2).to(self.device).requires_grad_(True)
-        optimizer = torch.optim.AdamW([deltas], lr=s.adv_lr, foreach=True)
-        frozen = resag.detached()
+        optimizer = torch.optim.AdamW([deltas], lr=s.adv_lr, fused=True)
+        frozen = {k: t.detach() for k, t in self.packed[concept].items()}
         with torch.no_grad():
-            A, K, J = self.geometry.coupling(frozen)
+            K, J = self.geometry.coupling(frozen["B"], s.alpha / s.rank)
         for step in tqdm(range(s.adv_iterations), desc=f"adversarial embeddings ({self.concepts[concept]})",
                          leave=False, disable=not self.progress):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(s.adv_lr, step, s.adv_iterations, s.warmup)
             E_t, _ = self.target_and_neutral(concept)
-            gated, _ = frozen.gate(E_t + deltas)
-            loss = self.geometry.error(deltas, gated @ A, K, J)
+            loss = self.geometry.error(deltas, self.coordinates(frozen, E_t + deltas), K, J)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -360,9 +330,11 @@ class CPETrainer(ErasureTrainer):
         """One ``term-<concept>.safetensors`` per concept: its gate and per-layer A, B."""
         s = self.settings
         for resag in self.resags:
-            save_term(run_dir, resag.concept, {k: v.detach().cpu() for k, v in resag.tensors.items()},
+            save_term(run_dir, resag.concept, {k: v.detach().cpu().contiguous() for k, v in resag.tensors.items()},
                       {**metadata, "rank": s.rank, "gate_rank": s.gate_rank, "alpha": s.alpha,
-                       "gate_temperature": s.gate_temperature, "gate_floor": s.gate_floor, "text_width": resag.width, "anchors": json.dumps(self.anchors[self.concepts.index(resag.concept)])})
+                       "gate_temperature": s.gate_temperature, "gate_floor": s.gate_floor,
+                       "gate_combination": s.gate_combination, "text_width": resag.width,
+                       "anchors": json.dumps(self.anchors[self.concepts.index(resag.concept)])})
 
     def edited_model(self):
         """The model with every trained ResAG wrapped around it (wrapped anew when unwrapped)."""

@@ -49,6 +49,18 @@ def gate(E, U1, U2, v, temperature=1.0, floor=0.0):
     return g.unsqueeze(-1) * E_bar, g
 
 
+def gate_coordinates(E, U1, U2, v, A, temperature=1.0, floor=0.0):
+    """``((g * Ebar) A, g)`` of ``gate``, never forming ``Ebar`` (batch, tokens, width): ``Ebar A = P (E A)`` and
+    ``Ebar v = P (E v)``, so the attention mixes a few columns instead of the text width (training's form)."""
+    Q, K, projected = (E @ torch.cat([U1, U2, A, v[:, None]], dim=1)).split([U1.shape[1], U2.shape[1],
+                                                                              A.shape[1] + 1], dim=-1)
+    mixed = torch.softmax(Q @ K.transpose(-1, -2) / temperature, dim=-1) @ projected
+    g = torch.sigmoid(mixed[..., -1])
+    if floor > 0:
+        g = torch.where(g >= floor, g, torch.zeros_like(g))
+    return g.unsqueeze(-1) * mixed[..., :-1], g
+
+
 def layer_residual(gated, A, B, scale):
     """One layer's residual ``(g * Ebar) A B scale``."""
     return (gated @ A) @ B * scale
@@ -64,15 +76,27 @@ def select_by_gate(gates, residuals):
     return torch.gather(stacked, 0, best[None, ..., None].expand(1, *stacked.shape[1:]))[0]
 
 
+COMBINATIONS = ("highest-gate", "sum")
+
+
+def combine(gates, residuals, how):
+    """Several concepts' residuals on each token: ``highest-gate`` (the public code) takes the concept whose
+    gate is highest there (``select_by_gate``); ``sum`` (ours) adds every concept's gated residual, so a token
+    the target's gate opens on is never handed to a concept whose gate is merely a little higher."""
+    if how == "sum":
+        return torch.stack(list(residuals)).sum(dim=0)
+    return select_by_gate(gates, residuals)
+
+
 class ResAG:
     """One concept's ResAG: gate tensors ``U1``, ``U2`` (width x gate_rank), ``v`` (width), and per wrapped
     layer ``A`` (width x rank) and ``B`` (rank x out), ``B`` and ``v`` zero."""
 
-    def __init__(self, concept, tensors, rank, gate_rank, alpha, temperature=1.0, floor=0.0):
+    def __init__(self, concept, tensors, rank, gate_rank, alpha, temperature=1.0, floor=0.0, combination="highest-gate"):
         self.concept, self.tensors = concept, tensors
         self.rank, self.gate_rank, self.alpha = rank, gate_rank, alpha
         self.scale = alpha / rank
-        self.temperature, self.floor = temperature, floor
+        self.temperature, self.floor, self.combination = temperature, floor, combination
 
     @classmethod
     def new(cls, concept, layers, width, rank, gate_rank, alpha, generator, device="cpu", temperature=1.0, floor=0.0):
@@ -99,17 +123,27 @@ class ResAG:
     def detached(self):
         """The same ResAG with detached tensors (for wrapping a model while training goes on)."""
         return ResAG(self.concept, {k: v.detach() for k, v in self.tensors.items()}, self.rank, self.gate_rank,
-                     self.alpha, self.temperature, self.floor)
+                     self.alpha, self.temperature, self.floor, self.combination)
 
     def residual(self, gated, layer):
         return layer_residual(gated, self.tensors[f"A.{layer}"], self.tensors[f"B.{layer}"], self.scale)
 
 
-def residuals(resags, E, layers):
-    """``{layer: residual}`` of several concepts' ResAGs on ``E``, each token taking the concept with the
-    highest gate."""
+def combination_of(resags):
+    """How ``resags`` combine on a token (``combine``); ResAGs trained to combine otherwise are a one-line error."""
+    hows = {resag.combination for resag in resags}
+    if len(hows) > 1:
+        raise UsageError(f"these ResAGs were trained to combine differently ({', '.join(sorted(hows))}); load "
+                         "terms of one run, or retrain them with one --gate_combination")
+    return hows.pop() if hows else "highest-gate"
+
+
+def residuals(resags, E, layers, how="highest-gate"):
+    """``{layer: residual}`` of several concepts' ResAGs on ``E``, combined on each token as ``how``
+    (``combine``)."""
     gates = [resag.gate(E) for resag in resags]
-    return {layer: select_by_gate([g for _, g in gates], [r.residual(gated, layer) for r, (gated, _) in zip(resags, gates)])
+    return {layer: combine([g for _, g in gates], [r.residual(gated, layer) for r, (gated, _) in zip(resags, gates)],
+                           how)
             for layer in layers}
 
 
@@ -124,6 +158,7 @@ class ResAGHooks:
         self.resags, self.layers = list(resags), dict(layers)
         for resag in self.resags:
             check_compatible(resag, self.layers)
+        self.combination = combination_of(self.resags)
         self.computations, self._context, self._residuals = 0, None, {}
         self._input, self._input_version = None, None
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in self.layers.items()]
@@ -142,7 +177,7 @@ class ResAGHooks:
         self._input, self._input_version = context, context._version
         if not same:
             self._context = context.detach().clone()
-            self._residuals = residuals(self.resags, context.float(), self.layers)
+            self._residuals = residuals(self.resags, context.float(), self.layers, self.combination)
             self.computations += 1
         return self._residuals
 
@@ -175,7 +210,8 @@ def read_resags(run_dir):
         # runs written before the temperature was a setting were trained with sqrt(gate_rank)
         temperature = float(metadata.get("gate_temperature", math.sqrt(gate_rank)))
         resags.append(ResAG(metadata["concept"], tensors, int(metadata["rank"]), gate_rank, float(metadata["alpha"]),
-                            temperature, float(metadata.get("gate_floor", 0.0))))
+                            temperature, float(metadata.get("gate_floor", 0.0)),
+                            metadata.get("gate_combination", "highest-gate")))  # runs before the setting: highest
     return resags
 
 

@@ -107,6 +107,15 @@ def resolve_settings(method, args):
     return settings, sources, config
 
 
+def run_settings(method_name, argv):
+    """The settings an erase of ``method_name`` with flags ``argv`` runs with (flag > model config > paper), as
+    a dict; loads no model. The benchmark keys its cells by them, so a changed default reruns a cell."""
+    method = methods.get(method_name)
+    settings, _, _ = resolve_settings(method, parse_method_args(method_parser(method, method.description), method,
+                                                                list(map(str, argv))))
+    return settings.as_dict()
+
+
 def erase(method, args):
     """Everything an erase does once its flags are parsed; returns the run folder (None for --show_settings)."""
     settings, sources, config = resolve_settings(method, args)
