@@ -243,13 +243,13 @@ def _interval(low, high, scale, spec):
 def leaderboard_markdown(table):
     """The leaderboard as a Markdown table: each figure with its 95% interval where the cell recorded one."""
     def percent(row, name, digits):
-        value = row[name]
+        value = row.get(name, float("nan"))  # a table from before a column: n/a
         if pd.isna(value):
             return "n/a"
         return f"{100 * value:.{digits}f}%" + _interval(row.get(f"{name}_low"), row.get(f"{name}_high"), 100, ".0f")
 
     def points(row, name):
-        value = row[name]
+        value = row.get(name, float("nan"))  # a table from before a column: n/a
         if pd.isna(value):
             return "n/a"
         return f"{value:+.1f}" + _interval(row.get(f"{name}_low"), row.get(f"{name}_high"), 1, "+.1f")
@@ -261,6 +261,8 @@ def leaderboard_markdown(table):
         worst = points(row, "specificity_other_worst")
         if not pd.isna(row.get("specificity_other_worst_attribute")):
             worst = f"{row.specificity_other_worst_attribute} {worst}"
+        elif worst == "n/a" and not pd.isna(row.get("specificity_other")):  # a cell from before: the mean it kept
+            worst = f"mean {row.specificity_other:+.1f}"
         cells = [row.method, row.concept, percent(row, "efficacy", 1), percent(row, "found_alone", 1),
                  percent(row, "found_with_others", 1), points(row, "specificity_same"), worst,
                  "n/a" if pd.isna(row.drift) else f"{row.drift:.2f}",

@@ -9,8 +9,8 @@ from ldm.erasure.cpe import CPESettings, CPETrainer
 from ldm.erasure.cpe_geometry import lipschitz_weights
 from ldm.erasure.cpe_prompts import (anchors_for, choose_anchors, co_occurs, domain_vocabulary, fill,
                                      training_sentences)
-from ldm.erasure.cpe_gates import (ResAG, ResAGHooks, apply_resags, apply_resags_of, apply_to_diffusers,
-                                   gated_projections, read_resags, select_by_gate)
+from ldm.erasure.cpe_gates import (ResAG, ResAGHooks, apply_resags, apply_resags_of, apply_to_diffusers, gate,
+                                   gate_coordinates, gated_projections, read_resags, select_by_gate)
 from ldm.loading import load_model
 from ldm.paths import models_dir
 from ldm.runs import restore_concept, save_term
@@ -286,6 +286,19 @@ def test_gate_temperature_and_floor_are_saved_and_old_runs_load_with_theirs(tiny
     _, unfloored = ResAG(new.concept, new.tensors, 1, 16, 1.0, 1.0, 0.0).gate(E)
     assert torch.equal(g, torch.where(unfloored >= 0.5, unfloored, torch.zeros_like(unfloored)))
     assert (g == 0).any() and (g > 0).any()
+
+
+def test_a_floored_gate_trains_through_the_floor():
+    """Training's gate (``gate_coordinates``) gives ``gate``'s values, floor included, but the gradient of the
+    unfloored gate: gates all below the floor still learn (a hard floor would leave them shut for good)."""
+    generator = torch.Generator().manual_seed(0)
+    E, U1, U2, A = (torch.randn(*shape, generator=generator) for shape in ((2, 5, 8), (8, 4), (8, 4), (8, 3)))
+    v = torch.full((8,), -0.1).requires_grad_(True)
+    z, g = gate_coordinates(E, U1, U2, v, A, floor=0.99)
+    gated, hard = gate(E, U1, U2, v, floor=0.99)
+    assert torch.equal(g, hard) and (g == 0).all() and torch.allclose(z, gated @ A)
+    z.sum().backward()
+    assert v.grad.abs().sum() > 0  # nothing passes the shut gates forward, yet the gradient reaches v
 
 
 def test_diffusers_adapter_matches_our_ldm(tiny, tmp_path):

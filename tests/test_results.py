@@ -6,12 +6,14 @@ import shutil
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from ldm import leaderboard, results
+from ldm.erasure.erase import run_settings
 from ldm.data.prompt_sets import concept_prompts
 from ldm.erasure.report import erasure_summary
-from ldm.paths import REPO_ROOT
-from ldm.util import UsageError, file_sha256
+from ldm.paths import REPO_ROOT, TINY_SD_DIR
+from ldm.util import UsageError, file_sha256, load_config
 
 
 def load(path):
@@ -114,6 +116,21 @@ def test_the_sweep_runs_the_benchmarks_cells(tmp_path):
     swept.result_path.write_text(json.dumps(partial))
     assert swept.finished(attacks=True) is None  # the benchmark still has its attacks to run
     assert swept.stored()["seconds"] == 1.0  # the erase is kept
+
+
+def test_a_cells_key_follows_the_settings_its_erase_resolves(tmp_path, monkeypatch):
+    """A changed default (model config or paper) makes a new cell: the key holds the erase's resolved settings."""
+    config = load_config(TINY_SD_DIR / "config.yaml")
+    config["esd-u_defaults"]["lr"] = 1.0e-4
+    other = tmp_path / "config.yaml"
+    OmegaConf.save(config, other)
+    assert run_settings("esd-u", ["--prompt", "moon"])["lr"] == 3e-4  # tiny-sd's esd-u_defaults
+    assert run_settings("esd-u", ["--prompt", "moon", "--config_path", other])["lr"] == 1e-4
+    settings = {"base_sha256": "a" * 64, "num_samples": 10, "ddim_steps": 50, "attack_steps": 40,
+                "generations": 100, "erase_args": ""}
+    before = leaderboard.Cell("esd-u", "moon", tmp_path, settings)
+    monkeypatch.setattr(leaderboard, "run_settings", lambda method, flags: {**run_settings(method, flags), "lr": 1e-4})
+    assert leaderboard.Cell("esd-u", "moon", tmp_path, settings).key != before.key
 
 
 def test_a_rerun_becomes_the_table_only_with_its_identity(tmp_path, monkeypatch):

@@ -51,13 +51,14 @@ def gate(E, U1, U2, v, temperature=1.0, floor=0.0):
 
 def gate_coordinates(E, U1, U2, v, A, temperature=1.0, floor=0.0):
     """``((g * Ebar) A, g)`` of ``gate``, never forming ``Ebar`` (batch, tokens, width): ``Ebar A = P (E A)`` and
-    ``Ebar v = P (E v)``, so the attention mixes a few columns instead of the text width (training's form)."""
+    ``Ebar v = P (E v)``, so the attention mixes a few columns instead of the text width (training's form). The
+    same values as ``gate``; under a floor, the gradient is the unfloored gate's (a straight-through floor)."""
     Q, K, projected = (E @ torch.cat([U1, U2, A, v[:, None]], dim=1)).split([U1.shape[1], U2.shape[1],
                                                                               A.shape[1] + 1], dim=-1)
     mixed = torch.softmax(Q @ K.transpose(-1, -2) / temperature, dim=-1) @ projected
     g = torch.sigmoid(mixed[..., -1])
-    if floor > 0:
-        g = torch.where(g >= floor, g, torch.zeros_like(g))
+    if floor > 0:  # the floored gate forward, the unfloored one's gradient: a gate below the floor can reopen
+        g = g + (torch.where(g >= floor, g, torch.zeros_like(g)) - g).detach()
     return g.unsqueeze(-1) * mixed[..., :-1], g
 
 

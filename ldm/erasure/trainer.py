@@ -285,7 +285,7 @@ def run_training(trainer, iterations, run_dir, save_every=0, progress=True):
                 save_resume_state(run_dir, trainer.state_dict())
                 raise
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)  # drawn at the bar's own interval, not every step
             if save_every and trainer.iteration % save_every == 0:
                 save_resume_state(run_dir, trainer.state_dict())
     save_resume_state(run_dir, trainer.state_dict())
