@@ -1,6 +1,6 @@
 """Rank erasure methods on the same concepts with one command.
 
-    python eval-scripts/benchmark.py                                             # every method, Van Gogh and star
+    python eval-scripts/benchmark.py            # every method: two objects, two styles, a held-out object and style
     python eval-scripts/benchmark.py --methods esd-x,sepce --concepts moon
     python eval-scripts/benchmark.py --config_path configs/stable-diffusion/v1-inference.yaml \
         --ckpt_path sd-v1-4-full-ema.ckpt --concepts nudity --judge nudenet --prompts_path 'prompts/{concept}.csv'
@@ -36,12 +36,16 @@ from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, l
 from ldm.paths import resolve_path
 from ldm.util import UsageError, check_at_least
 
+# two objects and two styles the methods' tiny-sd defaults were set on, then an object and a style they were not
+DEFAULT_CONCEPTS = ("moon", "star", "Van Gogh", "Hokusai", "cross", "Pollock")
+
 
 def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("--methods", default=",".join(registry.benchmarked()),
                         help=f"comma-separated, of {', '.join(registry.METHODS)}")
-    parser.add_argument("--concepts", default="Van Gogh,star", help="comma-separated tiny-sd concepts")
+    parser.add_argument("--concepts", default=",".join(DEFAULT_CONCEPTS), help="comma-separated tiny-sd concepts "
+                        "(default: two objects and two styles, then an object and a style no default was tuned on)")
     parser.add_argument("--save_path", default="outputs/benchmark")
     parser.add_argument("--num_samples", type=int, default=10, help="report: images per prompt")
     parser.add_argument("--ddim_steps", type=int, default=50, help="report and attacks: DDIM steps")

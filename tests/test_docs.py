@@ -80,17 +80,17 @@ def test_a_changed_figure_in_a_csv_makes_its_page_stale(results_copy, name, old,
 
 
 def test_a_table_says_when_it_is_stale(results_copy):
-    manifest = json.loads((results_copy / "cpe-defaults.json").read_text())
+    manifest = json.loads((results_copy / "cpe-authors-settings.json").read_text())
     other = {**manifest, "measured_identity": "0" * 12}
-    assert "Stale" in results.caption("cpe-defaults", other, REPO_ROOT / "docs" / "x.md")
-    assert "measured on `000000000000`" in results.staleness("cpe-defaults", other)
-    assert "not recorded" in results.staleness("cpe-defaults", {**manifest, "measured_identity": None})
+    assert "Stale" in results.caption("cpe-authors-settings", other, REPO_ROOT / "docs" / "x.md")
+    assert "measured on `000000000000`" in results.staleness("cpe-authors-settings", other)
+    assert "not recorded" in results.staleness("cpe-authors-settings", {**manifest, "measured_identity": None})
     for identity in (results.shipped_identity(), results.shipped_file_identity()):  # today's key, or the earlier one
         current = {**manifest, "measured_identity": identity}
-        assert results.staleness("cpe-defaults", current) is None
-        assert "Stale" not in results.caption("cpe-defaults", current, REPO_ROOT / "docs" / "x.md")
-    (results_copy / "cpe-defaults.csv").unlink()
-    assert "docs/results/cpe-defaults.csv is missing" in results.problems()
+        assert results.staleness("cpe-authors-settings", current) is None
+        assert "Stale" not in results.caption("cpe-authors-settings", current, REPO_ROOT / "docs" / "x.md")
+    (results_copy / "cpe-authors-settings.csv").unlink()
+    assert "docs/results/cpe-authors-settings.csv is missing" in results.problems()
 
 
 def test_every_table_has_a_complete_manifest_and_is_shown():

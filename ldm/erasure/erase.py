@@ -111,8 +111,12 @@ def run_settings(method_name, argv):
     """The settings an erase of ``method_name`` with flags ``argv`` runs with (flag > model config > paper), as
     a dict; loads no model. The benchmark keys its cells by them, so a changed default reruns a cell."""
     method = methods.get(method_name)
-    settings, _, _ = resolve_settings(method, parse_method_args(method_parser(method, method.description), method,
-                                                                list(map(str, argv))))
+    parser = method_parser(method, method.description)
+
+    def refuse(message):  # one line naming the flags, not the erase parser's usage
+        raise UsageError(f"{method_name} flags {shlex.join(map(str, argv))}: {message}")
+    parser.error = refuse
+    settings, _, _ = resolve_settings(method, parse_method_args(parser, method, list(map(str, argv))))
     return settings.as_dict()
 
 
