@@ -101,7 +101,7 @@ def _values(family, files):
               "anchor_batch": 3, "rank": 2, "gate_rank": 4, "alpha": 2.0, "stages": 2, "iterations": 2,
               "first_stage_factor": 2, "lr": 1e-4, "first_stage_lr_factor": 5.0, "warmup": 1, "adv_embeddings": 2,
               "adv_lr": 2e-2, "anchor_noise": 2e-3, "anchor_scope": "every-concept", "gate_temperature": 2.0,
-              "gate_floor": 0.3, "adv_iterations": 2}
+              "gate_floor": 0.3, "gate_combination": "highest-gate", "adv_iterations": 2}
     flags = {**{k: v * 2 if isinstance(v, (int, float)) else v for k, v in config.items()},
              "prompt": "moon;heart", "seperator": ";", "anchors": "a photo,a circle", "seed": 7}
     return config, [flags]
