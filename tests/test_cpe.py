@@ -395,6 +395,7 @@ def test_a_restored_run_is_the_single_run_of_the_first_concept_and_a_gate_floor_
     (["--prompt", "Van Gogh", "--gate_temperature", "0"], "must be a positive number"),
     (["--prompt", "Van Gogh", "--adv_iterations", "0"], "must be >= 1"),
     (["--prompt", "Van Gogh", "--anchor_scope", "everything"], "invalid choice"),
+    (["--prompt", "Van Gogh", "--gate_combination", "mean"], "invalid choice"),
     (["--prompt", "Van Gogh", "--prompt_templates", "no/such/sentences.txt"], "does not exist"),
 ])
 def test_bad_input_is_one_line(flags, message, run_name):

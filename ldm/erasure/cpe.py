@@ -71,7 +71,7 @@ class CPESettings(MethodSettings):
                                     "concept's gated residual)", choices=COMBINATIONS)
     gate_floor: float = setting(0.0, "ours, off by default: gates below this give no residual (trained straight-"
                                 "through: a shut gate still learns), so prompts a concept's gate barely opens on "
-                                "are exactly the base's and the anchors stop holding the residual back")
+                                "are exactly the base's")
     stages: int = setting(10, "erase stages, an adversarial stage between each two (1: none)")
     iterations: int = setting(450, "erase iterations per stage after the first")
     first_stage_factor: int = setting(4, "the first stage runs this many times --iterations")
