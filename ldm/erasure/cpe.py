@@ -167,7 +167,7 @@ class CPETrainer(ErasureTrainer):
         params = {f"{i}.{k}": t for i, packed in enumerate(self.packed) for k, t in packed.items()}
         super().__init__(params, settings.lr, settings.seed, device)
         self.empty = self.encode([""])
-        self.deltas = [torch.zeros(0, self.tokens, width, device=device) for _ in self.resags]
+        self.deltas = [torch.zeros(0, self.tokens, width, device=device) for _ in self.concepts]
         self.anchor_cache, self.prompt_cache, self._delta_quadratic = {}, {}, {}
         self._optimizer_for = None
 
