@@ -1,12 +1,25 @@
-"""Prompt CSVs in the ESD format (``prompt``, ``evaluation_seed``, ``case_number``), validated up front."""
+"""Prompt CSVs in the ESD format (``prompt``, ``evaluation_seed``, ``case_number``), validated up front, and
+text files of one entry a line (templates, words)."""
 from pathlib import Path
 
 import pandas as pd
 
+from ldm.paths import resolve_path
 from ldm.util import UsageError
 
 REQUIRED = ("prompt", "evaluation_seed", "case_number")
 CASE_NUMBER_ALIASES = ("image_id",)  # COCO-30k's CSV names its rows by image_id
+
+
+def read_lines(path, what="entry", flag=None):
+    """The entries of a text file, one ``what`` a line (a relative path not found from here is read from the
+    repository root); blank lines and ``#`` comments skipped. A missing file is one line naming ``flag``."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag + ' file ' if flag else ''}'{path}' does not exist; give a text file with one {what} "
+                         "a line")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.strip().startswith("#")]
 
 
 def _integer_column(df, column, path):

@@ -80,11 +80,6 @@ def shipped_identity():
 FORMER_FILE_IDENTITY = "55e159394101"
 
 
-def shipped_file_identity():
-    """The shipped tiny-sd's earlier whole-file identity (``FORMER_FILE_IDENTITY``)."""
-    return FORMER_FILE_IDENTITY
-
-
 def staleness(name, manifest=None):
     """Why a table's figures are not those of the shipped model (a sentence), or None when they are: measured
     under the shipped tiny-sd's identity, or under the earlier whole-file identity of the same files."""
@@ -94,12 +89,12 @@ def staleness(name, manifest=None):
     if manifest["format"] == "methods":  # its figures are the leaderboard's
         return staleness(LEADERBOARD)
     if manifest["model"] != "tiny-sd" or manifest["measured_identity"] in (shipped_identity(),
-                                                                           shipped_file_identity()):
+                                                                           FORMER_FILE_IDENTITY):
         return None
     if manifest["measured_identity"] is None:
         return "the model identity it was measured on was not recorded"
     return (f"measured on `{manifest['measured_identity']}`, not the shipped tiny-sd (`{shipped_identity()}`, "
-            f"formerly keyed `{shipped_file_identity()}`)")
+            f"formerly keyed `{FORMER_FILE_IDENTITY}`)")
 
 
 def fill(template, row):

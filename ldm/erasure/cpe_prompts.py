@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ldm.data.concepts import ATTRIBUTES
 from ldm.data.prompt_sets import all_concepts, attribute_of, concept_sentences
 from ldm.erasure.esd import read_prompt_templates
-from ldm.paths import resolve_path
+from ldm.prompts import read_lines
 from ldm.text_geometry import concept_text
 from ldm.util import UsageError
 
@@ -26,15 +26,6 @@ CONCEPT_WORLD = "concept-world"  # tiny-sd's own words, as its config's cpe_defa
 ANCHOR_SCOPES = ("attribute", "every-concept")
 # words too common to say two sentences share a subject
 STOPWORDS = frozenset("a an the of in on by with and or to for at from its his her their this that is are".split())
-
-
-def read_words(path):
-    """Words or prompts from a text file, one a line; blank lines and ``#`` comments skipped."""
-    path = resolve_path(path)
-    if not path.is_file():
-        raise UsageError(f"'{path}' does not exist; give a text file with one entry a line")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.strip().startswith("#")]
 
 
 def fill(sentence, word):
@@ -124,12 +115,12 @@ def vocabulary_of(flag, concept, scope):
         return []
     if str(flag).strip().lower() == CONCEPT_WORLD:
         return domain_vocabulary(concept, scope)
-    return read_words(flag)
+    return read_lines(flag)
 
 
 def anchors_for(model, settings):
     """Per concept of ``settings`` (``CPESettings``), the anchors it keeps (``choose_anchors``)."""
-    generic = read_words(settings.anchor_words) if settings.anchor_words else []
+    generic = read_lines(settings.anchor_words) if settings.anchor_words else []
     return [choose_anchors(model, concept, settings.sentences(concept), settings.listed_anchors(), generic,
                            vocabulary_of(settings.anchor_vocab, concept, settings.anchor_scope),
                            settings.nearest_anchors)

@@ -18,6 +18,7 @@ from ldm.erasure.trainer import Denoiser, OverlayTrainer, select_unet_parameters
 from ldm.generate import latent_shape
 from ldm.models.diffusion.ddim import ddim_sample
 from ldm.paths import resolve_path
+from ldm.prompts import read_lines
 from ldm.util import UsageError, check_at_least, check_positive
 
 
@@ -207,11 +208,7 @@ def check_prompt_templates(templates, source="--prompt_templates"):
 def read_prompt_templates(path):
     """Templates from a text file (a relative path not found from here is read from the repository root):
     one a line with ``{}`` for the concept; blank lines and ``#`` comments skipped."""
-    path = resolve_path(path)
-    if not path.is_file():
-        raise UsageError(f"--prompt_templates file '{path}' does not exist; give a text file with one template a line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return check_prompt_templates([line for line in lines if line and not line.startswith("#")], source=str(path))
+    return check_prompt_templates(read_lines(path, "template", "--prompt_templates"), source=str(resolve_path(path)))
 
 
 class ESDTrainer(OverlayTrainer):
