@@ -6,7 +6,8 @@
 Per prompt: the largest absolute difference of any attn2 to_k/to_v output (fp32, every token) and the
 largest pixel difference (0-255) between the base's and the edited model's images from the same start
 noise (--num_seeds images each). SepCE's promise: 0 up to float rounding, images identical up to 1/255.
-Writes --save_path/<run>.csv.
+Writes --save_path/<run>/<key>.csv, the key a digest of both models' identities and every setting above, so a
+run with another base, prompts or sampling never replaces an earlier one; the CSV names both identities.
 """
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from ldm.erasure.report import preservation_table
 from ldm.erasure.sepce import read_terms
 from ldm.loading import load_model
 from ldm.runs import find_run
-from ldm.util import UsageError, atomic_to_csv
+from ldm.util import UsageError, atomic_to_csv, json_sha256
 
 
 def main(argv=None):
@@ -47,9 +48,11 @@ def main(argv=None):
     base, edited = load_model(args.base_model, device=device), load_model(str(folder), device=device)
     table = preservation_table(base.model, edited.model, prompts, range(args.num_seeds), args.guidance_scale,
                                args.ddim_steps)
-    out = Path(args.save_path) / f"{folder.name}.csv"
+    key = json_sha256({"base": base.sha256, "edited": edited.sha256, "prompts": prompts, "seeds": args.num_seeds,
+                       "guidance_scale": args.guidance_scale, "ddim_steps": args.ddim_steps})[:12]
+    out = Path(args.save_path) / folder.name / f"{key}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_to_csv(table, out)
+    atomic_to_csv(table.assign(base_sha256=base.sha256[:12], edited_sha256=edited.sha256[:12]), out)
     print(f"base {base.name} ({base.sha256[:12]}), edited {edited.name} ({edited.sha256[:12]}); "
           f"{args.num_seeds} images per prompt")
     print(table.to_string(index=False))

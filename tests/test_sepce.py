@@ -3,6 +3,7 @@
 import copy
 import json
 
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -206,8 +207,9 @@ def test_images_of_a_folder_encode_to_latents(tiny, tmp_path):
 FAST = ["--iterations", 3, "--num_images", 2, "--batch_size", 1, "--devices", "cpu", "--no_diffusers", "--no_samples"]
 
 
-def test_scripts_erase_iteratively_restore_and_load(run_name):
-    """train-sepce.py twice (--on), restore-concept.py, then every run loads through load_model; CiE too."""
+def test_scripts_erase_iteratively_restore_and_load(run_name, tmp_path):
+    """train-sepce.py twice (--on), restore-concept.py, then every run loads through load_model; preservation.py
+    on the restored run; CiE too."""
     a, ab, b, c, cie = (f"{run_name}-{x}" for x in ("a", "ab", "b", "c", "cie"))
     with_diffusers = [f for f in FAST if f != "--no_diffusers"]
     done = call_script("train-scripts/train-sepce.py", "--prompt", "Van Gogh", *with_diffusers, "--run_name", a)
@@ -240,6 +242,14 @@ def test_scripts_erase_iteratively_restore_and_load(run_name):
     line = one_line_error(call_script("train-scripts/restore-concept.py", "--model_name", ab, "--concept", "Pollock",
                                       "--run_name", c))
     assert "not erased by run" in line and "'Seurat'" in line and not (models_dir() / c).exists()
+    for steps in (2, 3):  # another setting writes another file: an earlier table is never replaced
+        done = call_script("eval-scripts/preservation.py", "--model_name", b, "--num_seeds", 1, "--ddim_steps", steps,
+                           "--save_path", tmp_path)
+        assert done.returncode == 0, done.stderr
+    tables = [pd.read_csv(p, keep_default_na=False) for p in sorted((tmp_path / b).glob("*.csv"))]
+    assert len(tables) == 2 and all(set(t["prompt"]) == {"", *read_terms(models_dir() / b)[0]["protected"]} and
+                                    (t["edited_sha256"] == load_model(b).sha256[:12]).all() and
+                                    (t["pixel_max_abs_diff"] <= 1).all() for t in tables)
     done = call_script("train-scripts/train-cie.py", "--prompt", "heart", *FAST, "--run_name", cie)
     assert done.returncode == 0, done.stderr
     assert (models_dir() / cie / TRAINED_PARAMS).is_file()

@@ -79,6 +79,7 @@ class CiESettings(MethodSettings):
 
     def check(self):
         """Refuse bad settings with one line each."""
+        super().check()
         if not (self.prompt or "").strip():
             raise UsageError("--prompt is empty; name the concept to erase, e.g. --prompt 'Van Gogh'")
         templates_of(self.prompt_templates)
@@ -89,7 +90,6 @@ class CiESettings(MethodSettings):
             raise UsageError(f"--tau must be a number, got {self.tau}")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
-        self.check_choices()
         if self.direction_loss == "agreeing" and self.tau <= 0:
             raise UsageError(f"--tau={self.tau} can never stop --direction_loss agreeing (it is never negative); "
                              "use a positive tau, e.g. 5e-5")

@@ -98,6 +98,7 @@ class CPESettings(MethodSettings):
 
     def check(self):
         """Refuse bad or contradictory settings with one line each."""
+        super().check()
         concepts = self.concepts()
         if len(set(concepts)) != len(concepts):
             raise UsageError(f"--prompt names a concept twice: {concepts}")
@@ -112,7 +113,6 @@ class CPESettings(MethodSettings):
         check_positive(self, "lr", "adv_lr", "alpha", "first_stage_lr_factor", "gate_temperature")
         if not 0 <= self.gate_floor < 1:
             raise UsageError(f"--gate_floor must be in [0, 1) (a gate is a sigmoid), got {self.gate_floor}")
-        self.check_choices()
         for concept in concepts:
             self.sentences(concept)
         return self

@@ -164,6 +164,7 @@ class ESDSettings(MethodSettings):
 
     def check(self):
         """Refuse bad or contradictory settings with one line each."""
+        super().check()
         words = self.concepts()
         if self.train_method not in TRAIN_METHODS:
             raise UsageError(f"train method '{self.train_method}' unknown; use one of: {', '.join(TRAIN_METHODS)}")

@@ -130,7 +130,7 @@ def resolve(cls, flags, model_config=None, blocks=(), fixed=None):
         else:
             values[f.name], sources[f.name] = f.default, "paper"
     cls.adjust_defaults(values, sources)
-    return cls(**values).check_choices().check(), sources
+    return cls(**values).check(), sources
 
 
 def describe(settings, sources):
