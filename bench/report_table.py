@@ -20,6 +20,7 @@ import pandas as pd
 from ldm.cli import new_parser, run
 from ldm.data.prompt_sets import attribute_of
 from ldm.leaderboard import report_row
+from ldm.paths import outputs_dir
 from ldm.runs import run_folder
 from ldm.util import UsageError, atomic_to_csv
 
@@ -80,7 +81,7 @@ def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("runs", nargs="+", help="run names whose reports make the rows")
     parser.add_argument("--out", required=True, help="the CSV to write")
-    parser.add_argument("--reports", default="outputs/erasure/reports", help="where erasure-report.py wrote them")
+    parser.add_argument("--reports", default=str(outputs_dir() / "erasure" / "reports"), help="where erasure-report.py wrote them")
     parser.add_argument("--cost", action="append", default=[], metavar="RUN=SECONDS,MB")
     args = parser.parse_args(argv)
     cost = parse_cost(args.cost)

@@ -20,14 +20,14 @@ from ldm.data.prompt_sets import quality_prompts
 from ldm.evaluator import HEADS, classify, load_evaluator
 from ldm.generate import generate, latent_shape, sample_noise
 from ldm.models.diffusion import text_supervised
-from ldm.paths import EVALUATOR_PATH, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT, outputs_dir
 from ldm.util import (instantiate_from_config, load_checkpoint_file, load_config, load_state_dict_strict,
                       state_dict_from_checkpoint)
 
 
 def main(argv=None):
     parser = new_parser(__doc__)
-    parser.add_argument("--training_ckpt", default=str(REPO_ROOT / "outputs/train-tiny-sd/diffusion/last.ckpt"))
+    parser.add_argument("--training_ckpt", default=str(outputs_dir() / "train-tiny-sd/diffusion/last.ckpt"))
     parser.add_argument("--config", default=str(REPO_ROOT / "configs/tiny-sd/tiny-sd.yaml"))
     parser.add_argument("--samples", type=int, default=2, help="images per quality prompt")
     parser.add_argument("--ddim_steps", type=int, default=50)

@@ -34,7 +34,7 @@ from ldm.cli import new_parser, parse_device, run
 from ldm.data.prompt_sets import all_concepts, concept_filename
 from ldm.erasure.cie import templates_of
 from ldm.loading import load_model, load_run_base
-from ldm.paths import EVALUATOR_PATH, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT, outputs_dir
 from ldm.prompts import read_prompts
 from ldm.text2image import check_generation_args
 from ldm.util import UsageError, file_sha256
@@ -47,7 +47,7 @@ def main(argv=None):
     parser.add_argument("--config_path", help="with --ckpt_path: attack this CompVis model instead of a run")
     parser.add_argument("--ckpt_path")
     parser.add_argument("--concept", required=True, help="the erased concept the judge looks for")
-    parser.add_argument("--save_path", default="outputs/attacks")
+    parser.add_argument("--save_path", default=str(outputs_dir() / "attacks"))
     parser.add_argument("--attack", default="unlearndiffatk", choices=ATTACKS)
     parser.add_argument("--prompts_path", help="default: data/tiny-sd/concepts/<concept>.csv")
     parser.add_argument("--base_model", help="draws the check images and UnlearnDiffAtk's targets (default: the "

@@ -33,7 +33,7 @@ from ldm.data.prompt_sets import all_concepts
 from ldm.erasure import methods as registry
 from ldm.identity import compvis_identity, sha256_of
 from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, leaderboard_markdown, save_leaderboard
-from ldm.paths import resolve_path
+from ldm.paths import outputs_dir, resolve_path
 from ldm.util import UsageError, check_at_least
 
 # two objects and two styles the methods' tiny-sd defaults were set on, then an object and a style they were not
@@ -46,7 +46,7 @@ def main(argv=None):
                         help=f"comma-separated, of {', '.join(registry.METHODS)}")
     parser.add_argument("--concepts", default=",".join(DEFAULT_CONCEPTS), help="comma-separated tiny-sd concepts "
                         "(default: two objects and two styles, then an object and a style no default was tuned on)")
-    parser.add_argument("--save_path", default="outputs/benchmark")
+    parser.add_argument("--save_path", default=str(outputs_dir() / "benchmark"))
     parser.add_argument("--num_samples", type=int, default=10, help="report: images per prompt")
     parser.add_argument("--ddim_steps", type=int, default=50, help="report and attacks: DDIM steps")
     parser.add_argument("--attack_steps", type=int, default=40, help="UnlearnDiffAtk's steps")

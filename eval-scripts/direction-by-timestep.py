@@ -16,6 +16,7 @@ from ldm.erasure import methods
 from ldm.erasure.cie import direction_by_timestep
 from ldm.erasure.concept_data import encode_images, read_images
 from ldm.loading import load_model
+from ldm.paths import outputs_dir
 from ldm.runs import find_run
 from ldm.util import UsageError, atomic_to_csv, load_config
 
@@ -27,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--data_dir", help="images of the concept (default: the run's training images)")
     parser.add_argument("--num_latents", type=int, default=16)
     parser.add_argument("--timesteps", default="900,600,300,100")
-    parser.add_argument("--save_path", default="outputs/direction-by-timestep")
+    parser.add_argument("--save_path", default=str(outputs_dir() / "direction-by-timestep"))
     args = parser.parse_args(argv)
 
     folder = find_run(args.model_name, "--model_name", lambda config: methods.method_of_run(config).concept_images,

@@ -31,7 +31,7 @@ from ldm.erasure.report import (attribute_erasure_summary, comparison_rows, eras
 from ldm.evaluation import classify_folder, read_images
 from ldm.evaluator import check_autoencoder, load_evaluator
 from ldm.metrics import evaluator_fid
-from ldm.paths import EVALUATOR_PATH, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, REPO_ROOT, outputs_dir
 from ldm.plots import save_image_grid
 from ldm.prompts import read_prompts
 from ldm.loading import folder_kind, model_folder
@@ -65,7 +65,7 @@ def main(argv=None):
                                              "with this one (default: the run's --erase_from)")
     parser.add_argument("--prompts_path", help="default: data/tiny-sd/concepts/<concept>.csv, or the "
                                                "attribute-erasure sets for --erase_from")
-    parser.add_argument("--save_path", default="outputs/erasure")
+    parser.add_argument("--save_path", default=str(outputs_dir() / "erasure"))
     parser.add_argument("--num_samples", type=int, default=10,
                         help="images per prompt; 10 gives the 'alone' set 40 images, the fewest for which no image "
                              "found still bounds the concept below 10%% (Wilson 95%%)")

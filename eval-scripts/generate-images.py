@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside t
 import torch
 
 from ldm.cli import new_parser, parse_device, run
+from ldm.paths import outputs_dir
 from ldm.prompts import read_prompts
 from ldm.text2image import (check_generation_args, check_settings, clear_stale_images, generation_settings,
                             load_generator, local_device, make_jobs, run_jobs, shard)
@@ -26,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--model_name", default=None, help="folder under models/ (default tiny-sd), or the output "
                         "name when --ckpt_path/--diffusers_path is given")
     parser.add_argument("--prompts_path", required=True)
-    parser.add_argument("--save_path", default="outputs/images")
+    parser.add_argument("--save_path", default=str(outputs_dir() / "images"))
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--guidance_from_csv", action="store_true",

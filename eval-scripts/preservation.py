@@ -20,6 +20,7 @@ from ldm.cli import new_parser, parse_device, run
 from ldm.erasure.report import preservation_table
 from ldm.erasure.sepce import read_terms
 from ldm.loading import load_model
+from ldm.paths import outputs_dir
 from ldm.runs import find_run
 from ldm.util import UsageError, atomic_to_csv, json_sha256
 
@@ -32,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--num_seeds", type=int, default=4)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--ddim_steps", type=int, default=50)
-    parser.add_argument("--save_path", default="outputs/preservation")
+    parser.add_argument("--save_path", default=str(outputs_dir() / "preservation"))
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 

@@ -13,6 +13,7 @@ import torch
 from ldm.cli import new_parser, parse_device, run
 from ldm.generate import concept_grid
 from ldm.loading import load_model
+from ldm.paths import outputs_dir
 from ldm.plots import save_image_grid
 from ldm.util import UsageError
 
@@ -33,7 +34,7 @@ def main(argv=None):
         raise UsageError(f"'{args.model_name}' is a diffusers folder; the grid draws CompVis models and run folders")
     images, rows, cols = concept_grid(loaded.model, seed=args.seed, guidance_scale=args.guidance_scale,
                                       ddim_steps=args.ddim_steps)
-    out = args.out or f"outputs/{args.model_name}-grid.png"
+    out = args.out or outputs_dir() / f"{Path(args.model_name).name}-grid.png"
     save_image_grid(images, out, row_labels=rows, col_labels=cols,
                     title=f"{args.model_name} ({loaded.sha256[:12]}): objects x styles")
     print(f"saved {out} (model identity {loaded.sha256[:12]})")

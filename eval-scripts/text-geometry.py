@@ -19,6 +19,7 @@ import pandas as pd
 from ldm.cli import new_parser, run
 from ldm.data.prompt_sets import all_concepts
 from ldm.loading import load_model
+from ldm.paths import outputs_dir
 from ldm.text_geometry import NULL_SPACE_RTOL, direction_consistency, text_side_report
 from ldm.util import UsageError, atomic_to_csv
 
@@ -34,7 +35,7 @@ def main(argv=None):
         raise UsageError("text-geometry reads CompVis models and run folders; convert a diffusers folder first")
     report = text_side_report(loaded.model, all_concepts(), args.rtol)
     report.insert(0, "model_sha256", loaded.sha256[:12])
-    save_path = Path(args.save_path or f"outputs/text-geometry/{Path(args.model_name).name}.csv")
+    save_path = Path(args.save_path or outputs_dir() / "text-geometry" / f"{Path(args.model_name).name}.csv")
     atomic_to_csv(report, save_path)
     templates = pd.concat([direction_consistency(loaded.model, c) for c in all_concepts()], ignore_index=True)
     atomic_to_csv(templates, save_path.with_name(save_path.stem + "-templates.csv"))

@@ -29,7 +29,7 @@ from ldm.erasure.report import format_summary
 from ldm.erasure.settings import model_config_defaults, settings_table
 from ldm.identity import compvis_identity
 from ldm.leaderboard import FIGURES, leaderboard_markdown, save_figures
-from ldm.paths import REPO_ROOT, TINY_SD_DIR
+from ldm.paths import REPO_ROOT, TINY_SD_DIR, outputs_dir
 from ldm.util import UsageError, atomic_write_text, file_sha256, json_sha256, load_config
 
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
@@ -292,15 +292,22 @@ def check_collectable(name):
     return manifest
 
 
+def source_path(source):
+    """Where a manifest's ``source`` is: under ``outputs_dir()`` (``LDM_OUTPUTS_DIR``) for ``outputs/...``, as the
+    scripts' default folders are, else under the repository."""
+    parts = Path(source).parts
+    return outputs_dir().joinpath(*parts[1:]) if parts[0] == "outputs" else REPO_ROOT / source
+
+
 def collect(name, today):
     """After a rerun of its commands: the table's CSV from what they wrote (its manifest's ``source``), and its
     manifest's identity and date from the figures themselves. Only the sweep, report and leaderboard formats
     are collected; a template table is transcribed by hand (a one-line error says so)."""
     manifest = check_collectable(name)
-    missing = [s for s in manifest["source"] if not (REPO_ROOT / s).is_file()]
+    missing = [s for s in manifest["source"] if not source_path(s).is_file()]
     if missing:
         raise UsageError(f"'{name}': its commands wrote no {', '.join(missing)}")
-    table = pd.concat([pd.read_csv(REPO_ROOT / s) for s in manifest["source"]], ignore_index=True)
+    table = pd.concat([pd.read_csv(source_path(s)) for s in manifest["source"]], ignore_index=True)
     identities = set(table["base_sha256"].dropna().astype(str)) if "base_sha256" in table else {shipped_identity()}
     if len(identities) != 1:
         raise UsageError(f"'{name}': its figures come from several base models ({', '.join(sorted(identities))})")

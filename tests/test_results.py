@@ -12,7 +12,7 @@ from ldm import leaderboard, results
 from ldm.erasure.erase import run_settings
 from ldm.data.prompt_sets import concept_prompts
 from ldm.erasure.report import erasure_summary
-from ldm.paths import REPO_ROOT, TINY_SD_DIR
+from ldm.paths import REPO_ROOT, TINY_SD_DIR, outputs_dir
 from ldm.util import UsageError, file_sha256, load_config
 
 
@@ -138,10 +138,11 @@ def test_a_rerun_becomes_the_table_only_with_its_identity(tmp_path, monkeypatch)
     shutil.copytree(results.RESULTS_DIR, copy)
     monkeypatch.setattr(results, "RESULTS_DIR", copy)
     manifest = json.loads((copy / "esd-u-lower-lr.json").read_text())
-    source = tmp_path / "sweep.csv"
+    source = outputs_dir() / f"{tmp_path.name}.csv"  # "outputs/..." in a manifest is under LDM_OUTPUTS_DIR
+    source.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.read_csv(copy / "esd-u-lower-lr.csv").assign(base_sha256=results.shipped_identity())
     frame.to_csv(source, index=False)
-    (copy / "esd-u-lower-lr.json").write_text(json.dumps({**manifest, "source": [str(source)]}))
+    (copy / "esd-u-lower-lr.json").write_text(json.dumps({**manifest, "source": [f"outputs/{source.name}"]}))
     assert results.staleness("esd-u-lower-lr") is not None
     results.collect("esd-u-lower-lr", "2030-01-01")
     assert results.staleness("esd-u-lower-lr") is None

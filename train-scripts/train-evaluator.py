@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside t
 from ldm.cli import new_parser, run
 from ldm.evaluator import heldout_accuracy, save_evaluator, train_evaluator
 from ldm.loading import load_model
-from ldm.paths import EVALUATOR_PATH, REPO_ROOT
+from ldm.paths import EVALUATOR_PATH, outputs_dir
 
 
 def main(argv=None):
@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model_name", default="tiny-sd", help="the model whose autoencoder reconstructs")
     parser.add_argument("--no_reconstructions", action="store_true")
-    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs/train-evaluator"))
+    parser.add_argument("--work_dir", default=str(outputs_dir() / "train-evaluator"))
     args = parser.parse_args(argv)
     first_stage = None
     if not args.no_reconstructions:

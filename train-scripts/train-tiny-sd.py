@@ -24,7 +24,7 @@ from ldm.cli import new_parser, run
 from ldm.data.tiny_sd import ConceptWorld, WithFirstStageMoments, world_fingerprint
 from ldm.generate import concept_grid
 from ldm.models.diffusion import text_supervised
-from ldm.paths import REPO_ROOT
+from ldm.paths import REPO_ROOT, outputs_dir
 from ldm.plots import save_image_grid
 from ldm.convert import export_checkpoint
 from ldm.training import fit
@@ -38,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--autoencoder_from", help="take the autoencoder (first_stage_model.*) from this CompVis "
                         "checkpoint instead of training stage 1")
     parser.add_argument("--config", default=str(REPO_ROOT / "configs/tiny-sd/tiny-sd.yaml"))
-    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs/train-tiny-sd"))
+    parser.add_argument("--work_dir", default=str(outputs_dir() / "train-tiny-sd"))
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "models/tiny-sd"))
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out_dir")
     parser.add_argument("--dataset_size", type=int, default=20000)
