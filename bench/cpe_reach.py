@@ -4,8 +4,14 @@
 
 For each run (one concept each) and each wrapped projection: ``||W~ c_tgt - target|| / ||W c_tgt - target||`` over
 the run's training sentences, with ``target = W c_ntl + eta (W c_ntl - W c_tgt)`` (the erase loss's target). 0: the
-edited projection is the target; 1: the ResAG did not move toward it. Reads the sentences, neutral and eta the run
-recorded; prints one line per run (min, median, max over layers, then every layer).
+edited projection is the target; 1: the ResAG did not move toward it. Reads the sentences, neutral, eta and rank
+the run recorded; prints one line per run (min, median, max over layers, then every layer).
+
+Beside it, the ``ceiling``: per layer, the least relative distance any residual of the run's rank that is a linear
+function of each token's own embedding reaches (a reduced-rank regression of ``target - W c_tgt`` on ``c_tgt``, over
+the tokens where target and neutral differ), its median over layers. It depends on the concept and the model alone,
+not on training: a ResAG whose attention kept each token to itself could reach it at best (its pooled input may do
+a little better or worse). A concept whose ceiling is high needs more than CPE's residual form can give.
 """
 import sys
 from pathlib import Path
@@ -38,15 +44,38 @@ def reach(model, resag, sentences, neutral, eta):
     return distances
 
 
+@torch.no_grad()
+def ceiling(model, concept, sentences, neutral, eta, rank):
+    """Per wrapped layer, the relative distance left by the best rank-``rank`` linear map from each token's embedding
+    to its erase target's change (reduced-rank regression over the tokens the neutral changes)."""
+    E_t = model.get_learned_conditioning([fill(s, concept) for s in sentences]).float()
+    E_n = model.get_learned_conditioning([fill(s, neutral) for s in sentences]).float()
+    change = (1 + eta) * (E_n - E_t)
+    moved = change.norm(dim=-1) > 1e-4 * change.norm(dim=-1).max()
+    X, change = E_t[moved], change[moved]
+    distances = {}
+    for name, layer in gated_projections(model.model.diffusion_model).items():
+        Y = F.linear(change, layer.weight.float())
+        fitted = X @ torch.linalg.lstsq(X, Y).solution
+        top = torch.linalg.svd(fitted, full_matrices=False).Vh[:rank]
+        distances[name] = float((Y - fitted @ top.T @ top).norm() / Y.norm())
+    return distances
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("runs", nargs="+", help="CPE runs (one concept each)")
     args = parser.parse_args(argv)
     for name in args.runs:
         folder = run_folder(name)
-        settings = read_run_config(folder).run
-        if "gate_rank" not in settings:  # the settings every CPE run records
+        config = read_run_config(folder)
+        if config is None or "gate_rank" not in config.run:  # the settings every CPE run records
             raise UsageError(f"'{name}' is not a CPE run (it records no gate_rank)")
+        settings = config.run
         resags = read_resags(folder)
         if len(resags) != 1 or "sentences" not in settings:
             raise UsageError(f"'{name}' holds {len(resags)} concepts or no recorded sentences; give a one-concept "
@@ -55,8 +84,11 @@ def main(argv=None):
         model.resag_hooks.remove()  # the base's projections; the ResAG is applied here by hand
         move_to(resags, "cpu")
         distances = reach(model, resags[0], settings["sentences"][0], settings["neutral"], settings["eta"])
+        best = ceiling(model, resags[0].concept, settings["sentences"][0], settings["neutral"], settings["eta"],
+                       resags[0].rank)
         values = sorted(distances.values())
-        print(f"{name}: min {values[0]:.2f}, median {values[len(values) // 2]:.2f}, max {values[-1]:.2f}; "
+        print(f"{name}: min {values[0]:.2f}, median {median(values):.2f}, max {values[-1]:.2f}, "
+              f"ceiling (median) {median(list(best.values())):.2f}; "
               + " ".join(f"{k.replace('.transformer_blocks.0.attn2', '')}={v:.2f}" for k, v in distances.items()))
 
 

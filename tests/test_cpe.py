@@ -427,3 +427,21 @@ def test_preservation_table_sees_an_edit_made_by_hooks(tiny, new_tiny):
         hooks.remove()
     moved = max((wrapped[n] - unwrapped[n]).abs().max().item() for n in wrapped)
     assert moved > 1e-4 and table.loc[0, "key_value_max_abs_diff"] == pytest.approx(moved, rel=1e-3)
+
+
+def test_reach_and_its_ceiling(run_name):
+    """bench/cpe_reach.py: a barely trained ResAG has not moved (reach about 1), above the ceiling; the ceiling falls
+    as the rank grows and is a distance in [0, 1]."""
+    import re
+    from conftest import load_script
+    done = call_script("train-scripts/train-cpe.py", "--prompt", "moon", *FAST, "--run_name", run_name)
+    assert done.returncode == 0, done.stderr
+    printed = call_script("bench/cpe_reach.py", run_name)
+    assert printed.returncode == 0, printed.stderr
+    reach, best = map(float, re.search(r"median ([\d.]+), .* ceiling \(median\) ([\d.]+);", printed.stdout).groups())
+    assert reach > 0.95 and 0 < best < reach
+    ceiling, model = load_script("bench/cpe_reach.py").ceiling, load_model("tiny-sd").model
+    sentences = ["a {}", "a red {} in the style of Seurat", "{}"]
+    by_rank = [max(ceiling(model, "moon", sentences, "", 0.5, rank).values()) for rank in (1, 4, 256)]
+    assert 1 >= by_rank[0] >= by_rank[1] >= by_rank[2] >= 0
+    assert "not a CPE run" in one_line_error(call_script("bench/cpe_reach.py", "tiny-sd"))
