@@ -83,9 +83,9 @@ def main(argv=None):
         model = load_model(name).model
         model.resag_hooks.remove()  # the base's projections; the ResAG is applied here by hand
         move_to(resags, "cpu")
-        distances = reach(model, resags[0], settings["sentences"][0], settings["neutral"], settings["eta"])
-        best = ceiling(model, resags[0].concept, settings["sentences"][0], settings["neutral"], settings["eta"],
-                       resags[0].rank)
+        neutral = settings["neutrals"][0] if "neutrals" in settings else settings["neutral"]  # older runs: one
+        distances = reach(model, resags[0], settings["sentences"][0], neutral, settings["eta"])
+        best = ceiling(model, resags[0].concept, settings["sentences"][0], neutral, settings["eta"], resags[0].rank)
         values = sorted(distances.values())
         print(f"{name}: min {values[0]:.2f}, median {median(values):.2f}, max {values[-1]:.2f}, "
               f"ceiling (median) {median(list(best.values())):.2f}; "

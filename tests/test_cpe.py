@@ -7,7 +7,7 @@ import torch
 from ldm.data.prompt_sets import concept_sentences
 from ldm.erasure.cpe import CPESettings, CPETrainer
 from ldm.erasure.cpe_geometry import lipschitz_weights
-from ldm.erasure.cpe_prompts import (anchors_for, choose_anchors, co_occurs, domain_vocabulary, fill,
+from ldm.erasure.cpe_prompts import (anchors_for, choose_anchors, co_occurs, domain_vocabulary, fill, neutral_of,
                                      training_sentences)
 from ldm.erasure.cpe_gates import (ResAG, ResAGHooks, apply_resags, apply_resags_of, apply_to_diffusers, gate,
                                    gate_coordinates, gated_projections, read_resags, select_by_gate)
@@ -207,13 +207,28 @@ def test_tiny_sds_config_names_its_own_words_and_other_models_get_the_artist_fil
     """tiny-sd's config sets concept-world for sentences and anchors; the paper defaults (SD v1) are the files,
     whatever the concept's name."""
     blocks = load_config(TINY / "config.yaml").cpe_defaults
-    assert (blocks.prompt_templates, blocks.anchor_vocab) == ("concept-world", "concept-world")
+    assert (blocks.prompt_templates, blocks.anchor_vocab, blocks.neutral) == ("concept-world",) * 3
     paper = CPESettings(prompt="Van Gogh")
     assert paper.sentences("Van Gogh")[0] == "Image in the style of {}" and len(paper.sentences("Van Gogh")) == 41
     assert anchors_for(tiny, paper)[0][0] == "a photo"  # generic words only, no domain without a vocabulary
     chosen = anchors_for(tiny, CPESettings(prompt="Van Gogh", prompt_templates="concept-world",
                                            anchor_vocab="concept-world"))[0]
     assert sorted(chosen[:5]) == ["Hokusai", "Mondrian", "Pollock", "Rothko", "Seurat"] and "a painting" not in chosen
+
+
+def test_the_neutral_is_one_per_domain(tiny):
+    """concept-world: a style maps to the style none ("flat colors"), an object or a color to the empty word; any
+    other value is the neutral itself. Each concept of a run is trained toward its own, and the run records them."""
+    assert [neutral_of("concept-world", c) for c in ("Hokusai", "moon", "orange")] == ["flat colors", "", ""]
+    assert neutral_of("real photograph", "Hokusai") == "real photograph"
+    with pytest.raises(UsageError, match="--neutral concept-world is for tiny-sd's concepts"):
+        CPESettings(prompt="a cowboy hat", neutral="concept-world", prompt_templates="none").check()
+    settings = CPESettings(prompt="Pollock,star", seperator=",", neutral="concept-world", prompt_templates="none",
+                           anchors="Seurat", stages=1, iterations=1).check()
+    trainer = CPETrainer(tiny, settings, anchors_for(tiny, settings), progress=False)
+    assert trainer.record()["neutrals"] == ["flat colors", ""]
+    _, neutral = trainer.target_and_neutral(0)
+    assert torch.equal(neutral[0], tiny.get_learned_conditioning(["flat colors"]).float()[0])
 
 
 @pytest.mark.parametrize("concept", ["moon", "orange", "Hokusai"])

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from ldm.erasure.cpe_gates import COMBINATIONS, ResAG, apply_resags, gate_coordinates, gated_projections
 from ldm.erasure.cpe_geometry import ProjectionGeometry, lipschitz_weights
-from ldm.erasure.cpe_prompts import ANCHOR_SCOPES, DEFAULT_ANCHOR_WORDS, DEFAULT_SENTENCES, fill, training_sentences
+from ldm.erasure.cpe_prompts import (ANCHOR_SCOPES, DEFAULT_ANCHOR_WORDS, DEFAULT_SENTENCES, fill, neutral_of,
+                                     training_sentences)
 from ldm.erasure.esd import concept_words
 from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import ErasureTrainer
@@ -53,7 +54,8 @@ class CPESettings(MethodSettings):
                                 "attribute (as the public code: its own domain) or every other concept (ours before)",
                                 choices=ANCHOR_SCOPES)
     nearest_anchors: int = setting(50, "domain entries nearest the target kept as anchors")
-    neutral: str = setting("real photograph", "the surrogate the target maps to in each sentence")
+    neutral: str = setting("real photograph", "the surrogate the target maps to in each sentence; concept-world: a "
+                           "tiny-sd style maps to its style 'none' (flat colors), an object or a color to the empty word")
     prompt_templates: str = setting(DEFAULT_SENTENCES, "sentences target, neutral and anchors are filled into, one "
                                     "a line with {} (the bare word is always added); concept-world: a tiny-sd "
                                     "concept's caption shapes filled with other attributes' values; none: the bare "
@@ -92,6 +94,10 @@ class CPESettings(MethodSettings):
         """The sentences ``concept`` is erased in, ``{}`` where it goes (``training_sentences``)."""
         return training_sentences(self.prompt_templates, concept)
 
+    def neutral_for(self, concept):
+        """The neutral ``concept`` maps to (``neutral_of``)."""
+        return neutral_of(self.neutral, concept)
+
     def listed_anchors(self):
         """``--anchors`` as a list, or None when the anchors are chosen."""
         return [a for a in self.anchors.split(",")] if self.anchors is not None else None
@@ -115,6 +121,7 @@ class CPESettings(MethodSettings):
             raise UsageError(f"--gate_floor must be in [0, 1) (a gate is a sigmoid), got {self.gate_floor}")
         for concept in concepts:
             self.sentences(concept)
+            self.neutral_for(concept)
         return self
 
     def stage_iterations(self, stage):
@@ -152,6 +159,7 @@ class CPETrainer(ErasureTrainer):
         self.settings = settings.check()
         self.concepts, self.anchors = settings.concepts(), anchors
         self.sentences = [settings.sentences(c) for c in self.concepts]
+        self.neutrals = [settings.neutral_for(c) for c in self.concepts]
         self.model, self.unet = model, model.model.diffusion_model
         self.unet.requires_grad_(False)
         self.layers = gated_projections(self.unet)
@@ -196,7 +204,7 @@ class CPETrainer(ErasureTrainer):
         if concept not in self.prompt_cache:
             name, sentences = self.concepts[concept], self.sentences[concept]
             self.prompt_cache[concept] = (self.encode([fill(t, name) for t in sentences]),
-                                          self.encode([fill(t, self.settings.neutral) for t in sentences]))
+                                          self.encode([fill(t, self.neutrals[concept]) for t in sentences]))
         targets, neutrals = self.prompt_cache[concept]
         i = self.randint(len(targets))
         return targets[i:i + 1], neutrals[i:i + 1]
@@ -315,12 +323,13 @@ class CPETrainer(ErasureTrainer):
         return self.settings.total_iterations()
 
     def describe(self):
-        return [f"CPE '{word}': {len(sentences)} training sentences, {len(kept)} anchors "
+        return [f"CPE '{word}': {len(sentences)} training sentences, neutral '{neutral}', {len(kept)} anchors "
                 f"({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})"
-                for word, sentences, kept in zip(self.concepts, self.sentences, self.anchors)]
+                for word, sentences, neutral, kept in zip(self.concepts, self.sentences, self.neutrals, self.anchors)]
 
     def record(self):
-        return {"anchors": [list(kept) for kept in self.anchors], "sentences": [list(s) for s in self.sentences]}
+        return {"anchors": [list(kept) for kept in self.anchors], "sentences": [list(s) for s in self.sentences],
+                "neutrals": list(self.neutrals)}
 
     def summary(self):
         return {"concepts": list(self.concepts), "anchors": [len(a) for a in self.anchors],

@@ -5,7 +5,8 @@ bare word), the neutral is filled into the same sentences, and every anchor is f
 anchors are the target's own domain (the vocabulary entries nearest it by text embedding: for a tiny-sd
 concept, the other values of its attribute; for SD v1, a vocabulary file such as artist names) and generic
 words, of which those that share a sentence with the target are dropped: a sentence that holds the target
-is one to erase, so none of its words may be an anchor. tiny-sd's config names its own words for both
+is one to erase, so none of its words may be an anchor. The neutral a target maps to is one per domain, as the
+public code's ("real photograph" for artists). tiny-sd's config names its own words for all three
 (``concept-world``); every other model gets the files' (artists and styles) unless told otherwise.
 """
 import re
@@ -54,6 +55,17 @@ def training_sentences(flag, concept):
     else:
         sentences = read_prompt_templates(flag)
     return list(dict.fromkeys([s for s in sentences if s.strip() != "{}"] + ["{}"]))
+
+
+def neutral_of(flag, concept):
+    """The neutral ``concept`` maps to: ``flag`` itself, or for ``concept-world`` (a tiny-sd concept) its
+    attribute's unmarked value: a style maps to the style "none" (the words tiny-sd's captions use for it, "flat
+    colors": the counterpart of the public code's "real photograph" for artists), an object or a color to the empty
+    word (tiny-sd has no "no object" or "no color")."""
+    if str(flag).strip().lower() != CONCEPT_WORLD:
+        return flag
+    check_concept_world(concept, "--neutral")
+    return concept_text("none") if attribute_of(concept) == "style" else ""
 
 
 def check_concept_world(concept, flag):
