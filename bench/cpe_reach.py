@@ -9,9 +9,10 @@ the run recorded; prints one line per run (min, median, max over layers, then ev
 
 Beside it, the ``ceiling``: per layer, the least relative distance any residual of the run's rank that is a linear
 function of each token's own embedding reaches (a reduced-rank regression of ``target - W c_tgt`` on ``c_tgt``, over
-the tokens where target and neutral differ), its median over layers. It depends on the concept and the model alone,
-not on training: a ResAG whose attention kept each token to itself could reach it at best (its pooled input may do
-a little better or worse). A concept whose ceiling is high needs more than CPE's residual form can give.
+the tokens where target and neutral differ), its median over layers. It depends on the concept, the neutral and the
+model alone, not on training or eta: a ResAG whose attention kept each token to itself could reach it at best (its
+pooled input may do a little better or worse). A concept whose ceiling is high needs more than CPE's residual form
+can give.
 """
 import sys
 from pathlib import Path
@@ -30,10 +31,15 @@ from ldm.util import UsageError
 
 
 @torch.no_grad()
-def reach(model, resag, sentences, neutral, eta):
+def encode_pair(model, concept, sentences, neutral):
+    """The text embeddings of the sentences with the concept and with the neutral in their slot."""
+    return tuple(model.get_learned_conditioning([fill(s, word) for s in sentences]).float()
+                 for word in (concept, neutral))
+
+
+@torch.no_grad()
+def reach(model, resag, E_t, E_n, eta):
     """Per wrapped layer, the relative distance of the edited projection from the erase target."""
-    E_t = model.get_learned_conditioning([fill(s, resag.concept) for s in sentences]).float()
-    E_n = model.get_learned_conditioning([fill(s, neutral) for s in sentences]).float()
     gated, _ = resag.gate(E_t)
     distances = {}
     for name, layer in gated_projections(model.model.diffusion_model).items():
@@ -45,12 +51,11 @@ def reach(model, resag, sentences, neutral, eta):
 
 
 @torch.no_grad()
-def ceiling(model, concept, sentences, neutral, eta, rank):
+def ceiling(model, E_t, E_n, rank):
     """Per wrapped layer, the relative distance left by the best rank-``rank`` linear map from each token's embedding
-    to its erase target's change (reduced-rank regression over the tokens the neutral changes)."""
-    E_t = model.get_learned_conditioning([fill(s, concept) for s in sentences]).float()
-    E_n = model.get_learned_conditioning([fill(s, neutral) for s in sentences]).float()
-    change = (1 + eta) * (E_n - E_t)
+    to its erase target's change ``(1 + eta) W (c_ntl - c_tgt)`` (reduced-rank regression over the tokens the neutral
+    changes; a relative distance, so ``eta`` drops out)."""
+    change = E_n - E_t
     moved = change.norm(dim=-1) > 1e-4 * change.norm(dim=-1).max()
     X, change = E_t[moved], change[moved]
     distances = {}
@@ -84,8 +89,9 @@ def main(argv=None):
         model.resag_hooks.remove()  # the base's projections; the ResAG is applied here by hand
         move_to(resags, "cpu")
         neutral = settings["neutrals"][0] if "neutrals" in settings else settings["neutral"]  # older runs: one
-        distances = reach(model, resags[0], settings["sentences"][0], neutral, settings["eta"])
-        best = ceiling(model, resags[0].concept, settings["sentences"][0], neutral, settings["eta"], resags[0].rank)
+        E_t, E_n = encode_pair(model, resags[0].concept, settings["sentences"][0], neutral)
+        distances = reach(model, resags[0], E_t, E_n, settings["eta"])
+        best = ceiling(model, E_t, E_n, resags[0].rank)
         values = sorted(distances.values())
         print(f"{name}: min {values[0]:.2f}, median {median(values):.2f}, max {values[-1]:.2f}, "
               f"ceiling (median) {median(list(best.values())):.2f}; "

@@ -81,7 +81,8 @@ def main(argv=None):
     parser = new_parser(__doc__)
     parser.add_argument("runs", nargs="+", help="run names whose reports make the rows")
     parser.add_argument("--out", required=True, help="the CSV to write")
-    parser.add_argument("--reports", default=str(outputs_dir() / "erasure" / "reports"), help="where erasure-report.py wrote them")
+    parser.add_argument("--reports", default=str(outputs_dir() / "erasure" / "reports"),
+                        help="where erasure-report.py wrote them")
     parser.add_argument("--cost", action="append", default=[], metavar="RUN=SECONDS,MB")
     args = parser.parse_args(argv)
     cost = parse_cost(args.cost)

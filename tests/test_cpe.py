@@ -455,8 +455,8 @@ def test_reach_and_its_ceiling(run_name):
     assert printed.returncode == 0, printed.stderr
     reach, best = map(float, re.search(r"median ([\d.]+), .* ceiling \(median\) ([\d.]+);", printed.stdout).groups())
     assert reach > 0.95 and 0 < best < reach
-    ceiling, model = load_script("bench/cpe_reach.py").ceiling, load_model("tiny-sd").model
-    sentences = ["a {}", "a red {} in the style of Seurat", "{}"]
-    by_rank = [max(ceiling(model, "moon", sentences, "", 0.5, rank).values()) for rank in (1, 4, 256)]
+    tool, model = load_script("bench/cpe_reach.py"), load_model("tiny-sd").model
+    embeddings = tool.encode_pair(model, "moon", ["a {}", "a red {} in the style of Seurat", "{}"], "")
+    by_rank = [max(tool.ceiling(model, *embeddings, rank).values()) for rank in (1, 4, 256)]
     assert 1 >= by_rank[0] >= by_rank[1] >= by_rank[2] >= 0
     assert "not a CPE run" in one_line_error(call_script("bench/cpe_reach.py", "tiny-sd"))

@@ -54,8 +54,9 @@ class CPESettings(MethodSettings):
                                 "attribute (as the public code: its own domain) or every other concept (ours before)",
                                 choices=ANCHOR_SCOPES)
     nearest_anchors: int = setting(50, "domain entries nearest the target kept as anchors")
-    neutral: str = setting("real photograph", "the surrogate the target maps to in each sentence; concept-world: a "
-                           "tiny-sd style maps to its style 'none' (flat colors), an object or a color to the empty word")
+    neutral: str = setting("real photograph", "the surrogate the target maps to in each sentence; concept-world: "
+                           "a tiny-sd style maps to its style 'none' (flat colors), an object or a color to the "
+                           "empty word")
     prompt_templates: str = setting(DEFAULT_SENTENCES, "sentences target, neutral and anchors are filled into, one "
                                     "a line with {} (the bare word is always added); concept-world: a tiny-sd "
                                     "concept's caption shapes filled with other attributes' values; none: the bare "
