@@ -14,7 +14,9 @@ largest resident set). Writes --save_path/leaderboard.csv (each figure with its 
 and three figures drawn from it: leaderboard.png (efficacy against specificity, per concept),
 leaderboard-attacks.png (ASR before and after each attack) and leaderboard-cost.png (time, peak memory); and a
 folder per cell with its logs, report and attacks. A finished cell is not redone unless its inputs' hash changed
-(method, concept, base model identity, every setting below).
+(method, concept, base model identity, every setting below). The leaderboard holds this invocation's cells and
+every other finished cell under --save_path with the same settings and today's defaults, so a subset run adds
+to it and never drops the rest.
 
 On a base other than tiny-sd (SD v1: --config_path/--ckpt_path) name the judge (--judge nudenet or resnet50)
 and the concepts' prompts (--prompts_path, '{concept}' replaced by the concept's file stem): efficacy is then the
@@ -32,7 +34,8 @@ from ldm.cli import DEFAULT_CONFIG, DEFAULT_CKPT, add_model_args, new_parser, ru
 from ldm.data.prompt_sets import all_concepts
 from ldm.erasure import methods as registry
 from ldm.identity import compvis_identity, sha256_of
-from ldm.leaderboard import Cell, check_methods, concept_prompts, leaderboard, leaderboard_markdown, save_leaderboard
+from ldm.leaderboard import (Cell, check_methods, concept_prompts, finished_cells, leaderboard, leaderboard_markdown,
+                            save_leaderboard)
 from ldm.paths import outputs_dir, resolve_path
 from ldm.util import UsageError, check_at_least
 
@@ -91,7 +94,11 @@ def main(argv=None):
             result = cell.finished()
             print(f"{method} on '{concept}': {'finished earlier' if result else 'running'} ({cell.folder})", flush=True)
             results.append(result or cell.run())
-    table = leaderboard(results)
+    ran = {(r["method"], r["concept"]) for r in results}
+    earlier = [r for r in finished_cells(args.save_path, settings) if (r["method"], r["concept"]) not in ran]
+    if earlier:  # a subset never drops the other cells of these settings from the leaderboard
+        print(f"the leaderboard also holds {len(earlier)} finished cells of these settings from earlier invocations")
+    table = leaderboard(results + earlier)
     base_name = "tiny-sd" if "sd" not in settings else f"{args.ckpt_path}, judge {args.judge}"
     figures = save_leaderboard(table, args.save_path, f"{base_name} ({base_sha256[:12]}): {args.num_samples} images "
                                                       f"per prompt, {args.ddim_steps} DDIM steps")

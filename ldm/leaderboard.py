@@ -17,6 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -229,6 +230,22 @@ class Cell:
         return figures
 
 
+def finished_cells(save_path, settings, attacks=True):
+    """The results of every finished cell under ``save_path`` whose key is what its method and concept give
+    under ``settings`` and today's defaults: the cells of earlier invocations with other methods or concepts join
+    a leaderboard, while a cell of other settings or older defaults never does."""
+    results = []
+    for path in sorted(Path(save_path).glob("cells/*/result.json")):
+        stored = json.loads(path.read_text())
+        if stored.get("method") not in methods.METHODS or "concept" not in stored:
+            continue
+        cell = Cell(stored["method"], stored["concept"], save_path, settings)
+        result = cell.finished(attacks) if cell.folder == path.parent else None
+        if result is not None:
+            results.append(result)
+    return results
+
+
 def leaderboard(results):
     """The leaderboard table (one row per cell: ``COLUMNS``, then ``DETAIL_COLUMNS``, empty where a cell did not
     record them), best efficacy first within each concept."""
@@ -294,6 +311,15 @@ def _column(table, name):
     return table[name] if name in table else pd.Series(np.nan, index=table.index)
 
 
+def panel_grid(count, width, height, columns=3):
+    """A figure of ``count`` panels, at most ``columns`` a row (unused ones hidden), and its panels in order."""
+    rows, columns = -(-count // columns), min(count, columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    return figure, list(axes.flat[:count])
+
+
 def efficacy_figure(table, path, title, found_bar=0.10, loss_bar=3.0):
     """Efficacy against specificity, one panel per concept: the share of images still showing the concept
     (95% Wilson interval) against the points lost on the other values of its attribute (95% bootstrap interval).
@@ -301,8 +327,8 @@ def efficacy_figure(table, path, title, found_bar=0.10, loss_bar=3.0):
     legend entry adds the points lost on the other attributes."""
     concepts = list(dict.fromkeys(table.concept))
     styles = _styles(list(dict.fromkeys(table.method)))
-    figure, axes = plt.subplots(1, len(concepts), figsize=(5.4 * len(concepts), 6.0), squeeze=False)
-    for axis, concept in zip(axes[0], concepts):
+    figure, axes = panel_grid(len(concepts), 5.4, 6.0)
+    for axis, concept in zip(axes, concepts):
         rows = table[table.concept == concept]
         loss = -rows.specificity_same.to_numpy(float)
         found = 100 * rows.efficacy.to_numpy(float)
@@ -341,8 +367,8 @@ def attack_figure(table, path, title):
     concepts = list(dict.fromkeys(table.concept))
     bars = [("asr_pre", "before attack", "0.75"), ("asr_post", "after UnlearnDiffAtk", "tab:orange"),
             ("ringabell_asr_post", "after Ring-A-Bell", "tab:red")]
-    figure, axes = plt.subplots(1, len(concepts), figsize=(5.2 * len(concepts), 4.0), squeeze=False)
-    for axis, concept in zip(axes[0], concepts):
+    figure, axes = panel_grid(len(concepts), 5.2, 4.0)
+    for axis, concept in zip(axes, concepts):
         rows = table[table.concept == concept]
         positions = np.arange(len(rows))
         for k, (name, label, color) in enumerate(bars):
@@ -371,7 +397,7 @@ def cost_figure(table, path, title):
         axis.set(ylabel=label + " (better: low)")
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 120), fontsize=9)  # two panels: too narrow for the title on one line
     return save_figure(figure, path)
 
 

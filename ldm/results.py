@@ -173,7 +173,8 @@ def methods_markdown(table, board):
         rows = board[board.method == row.method].set_index("concept")
         figures = [f"{100 * rows.efficacy[c]:.1f}%, {rows.specificity_same[c]:+.1f}" if c in rows.index else "n/a"
                    for c in concepts]
-        seconds = "-".join(dict.fromkeys(f"{s:.0f}" for s in sorted(rows.seconds))) + " s" if len(rows) else "n/a"
+        seconds = ("-".join(dict.fromkeys(f"{s:.0f}" for s in (rows.seconds.min(), rows.seconds.max()))) + " s"
+                   if len(rows) else "n/a")  # the range over the concepts
         lines.append("| " + " | ".join([f"`{row.method}`", row.edits, row.restore, *figures, seconds,
                                         f"[{row.page_title}]({row.page})"]) + " |")
     return "\n".join(lines)

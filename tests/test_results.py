@@ -118,6 +118,37 @@ def test_the_sweep_runs_the_benchmarks_cells(tmp_path):
     assert swept.stored()["seconds"] == 1.0  # the erase is kept
 
 
+def finish_cell(cell, prompts_path):
+    """Write ``cell``'s result as every step had run (attacks included) and a current report beside it."""
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    cell.report_dir.mkdir(parents=True, exist_ok=True)
+    (cell.report_dir / "summary.csv").write_text("key,value\n")
+    (cell.report_dir / "models.json").write_text(json.dumps(
+        {"prompts": {"path": str(prompts_path), "sha256": file_sha256(prompts_path)}}))
+    cell.result_path.write_text(json.dumps({"method": cell.method, "concept": cell.concept, "run": cell.run_name,
+                                            "seconds": 1.0, "peak_mb": 5, "efficacy": 0.0, "asr_pre": 0.0,
+                                            "asr_post": 0.0, "key": cell.key}))
+
+
+def test_the_leaderboard_holds_every_finished_cell_of_its_settings(tmp_path):
+    """A subset invocation's leaderboard keeps the other finished cells of the same settings, never those of
+    other settings (the images per prompt here) or older defaults (a cell whose key is not today's)."""
+    settings = {"base_sha256": "a" * 64, "num_samples": 10, "ddim_steps": 50, "attack_steps": 40,
+                "generations": 100, "erase_args": ""}
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("case_number,prompt\n0,a star\n")
+    kept = [leaderboard.Cell("esd-x", "star", tmp_path, settings), leaderboard.Cell("sepce", "moon", tmp_path, settings)]
+    other = leaderboard.Cell("esd-x", "moon", tmp_path, {**settings, "num_samples": 2})
+    for cell in [*kept, other]:
+        finish_cell(cell, prompts)
+    older = tmp_path / "cells" / "cpe-star-0000000000"  # a cell of defaults since changed: its key is stale
+    shutil.copytree(kept[0].folder, older)
+    found = leaderboard.finished_cells(tmp_path, settings)
+    assert sorted((r["method"], r["concept"]) for r in found) == [("esd-x", "star"), ("sepce", "moon")]
+    prompts.write_text("case_number,prompt\n0,a red star\n")  # a changed prompt set: its reports are stale
+    assert leaderboard.finished_cells(tmp_path, settings) == []
+
+
 def test_a_cells_key_follows_the_settings_its_erase_resolves(tmp_path, monkeypatch):
     """A changed default (model config or paper) makes a new cell: the key holds the erase's resolved settings."""
     config = load_config(TINY_SD_DIR / "config.yaml")
