@@ -285,18 +285,6 @@ def test_text_space_loss_equals_the_per_layer_error_of_the_projections(tiny, ran
     d = torch.randn(E.shape, generator=generator)
     shifted = geometry.quadratic(y) + 2 * ((y @ geometry.G) * d).sum(-1) + geometry.quadratic(d)
     assert torch.allclose(geometry.error(y + d, gated @ A, K, J, shifted), direct(y + d), rtol=1e-4)
-    first_only = torch.cat([y[:1], torch.zeros_like(y[1:])])  # a text-space part on the first row alone
-    assert torch.allclose(geometry.error(y[:1], gated @ A, K, J), direct(first_only), rtol=1e-5)
-
-
-def test_the_quadratic_forms_gradient_is_autograds(tiny):
-    """``quadratic``'s own backward (2 g yG) gives autograd's gradient of ``y G y``."""
-    geometry = new_trainer(tiny, settings()).geometry
-    y = torch.randn(3, 5, geometry.G.shape[0], generator=torch.Generator().manual_seed(0), requires_grad=True)
-    weights = torch.linspace(0.5, 2.0, 15).reshape(3, 5)
-    ours, = torch.autograd.grad((geometry.quadratic(y) * weights).sum(), y)
-    autograds, = torch.autograd.grad((((y @ geometry.G) * y).sum(-1) * weights).sum(), y)
-    assert torch.allclose(ours, autograds, rtol=1e-5, atol=1e-6)
 
 
 def test_gate_temperature_and_floor_are_saved_and_old_runs_load_with_theirs(tiny, tmp_path):

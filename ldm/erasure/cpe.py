@@ -177,7 +177,7 @@ class CPETrainer(ErasureTrainer):
         super().__init__(params, settings.lr, settings.seed, device)
         self.empty = self.encode([""])
         self.deltas = [torch.zeros(0, self.tokens, width, device=device) for _ in self.concepts]
-        self.anchor_cache, self.prompt_cache, self._delta_quadratic, self._row_weights = {}, {}, {}, {}
+        self.anchor_cache, self.prompt_cache, self._delta_quadratic = {}, {}, {}
         self._optimizer_for = None
 
     @torch.no_grad()
@@ -250,18 +250,10 @@ class CPETrainer(ErasureTrainer):
         m, a = len(deltas), len(anchors)
         # (y + d) G (y + d) with d G d fixed for the stage: no (16 x tokens) x width^2 product a step
         shifted = yGy + 2 * (u * deltas).sum(-1) + self.delta_quadratic(concept) if m else yGy[:0]
-        return self.geometry.error(torch.cat([y, y + deltas]), z, K, J, torch.cat([yGy, shifted]),
-                                   self.row_weights(m, a))
-
-    def row_weights(self, adversarial, anchors):
-        """The loss's weight of each row: the target 1, its adversarial rows 1/m together, anchors
-        lambda_anc/a together (made once per shape)."""
-        key = (adversarial, anchors)
-        if key not in self._row_weights:
-            self._row_weights[key] = torch.cat([
-                torch.ones(1), torch.full((adversarial,), 1 / max(adversarial, 1)),
-                torch.full((anchors,), self.settings.anchor_weight / anchors)]).to(self.device)
-        return self._row_weights[key]
+        Y = torch.cat([y, y + deltas, torch.zeros_like(anchors)])
+        weights = torch.cat([torch.ones(1), torch.full((m,), 1 / max(m, 1)), torch.full((a,), s.anchor_weight / a)])
+        return self.geometry.error(Y, z, K, J, torch.cat([yGy, shifted, yGy.new_zeros(a, yGy.shape[-1])]),
+                                   weights.to(z.device))
 
     def delta_quadratic(self, concept):
         """``d G d`` per row of the concept's adversarial embeddings, computed once per set of them."""

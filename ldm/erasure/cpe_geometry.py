@@ -84,34 +84,14 @@ class ProjectionGeometry:
 
     def quadratic(self, y):
         """``y G y`` per row."""
-        return QuadraticForm.apply(y, self.G)
+        return ((y @ self.G) * y).sum(-1)
 
     def error(self, y, z, K, J, yGy=None, row_weights=None):
         """The weighted squared error of ``W y + z B`` (rows x tokens) averaged over tokens and rows, or summed
-        over rows with ``row_weights``; ``z`` (rows, tokens, layers*rank) the residual's coordinates, ``y`` the
-        text-space part of its first ``len(y)`` rows (the others, and every row when ``y`` is None: the residual
-        alone), ``yGy``: ``quadratic(y)`` when the caller has it."""
-        layers, rank = J.shape[0], J.shape[1]
-        blocks = z.reshape(-1, layers, rank).transpose(0, 1)  # one (rows*tokens x rank) block a layer: one bmm
-        value = ((blocks @ J) * blocks).sum((0, -1)).reshape(z.shape[:-1])
+        over rows with ``row_weights`` (``y`` None: the residual alone); ``z`` (rows, tokens, layers*rank) the
+        residual's coordinates, ``yGy``: ``quadratic(y)`` when the caller has it."""
+        blocks = z.reshape(*z.shape[:-1], J.shape[0], 1, J.shape[1])  # (..., layers, 1, rank)
+        value = ((blocks @ J) * blocks).sum((-1, -2, -3))
         if y is not None:
-            n = len(y)
-            cross = (self.quadratic(y) if yGy is None else yGy) + 2 * ((y @ K) * z[:n]).sum(-1)
-            value = torch.cat([value[:n] + cross, value[n:]])
+            value = value + (self.quadratic(y) if yGy is None else yGy) + 2 * ((y @ K) * z).sum(-1)
         return value.mean() if row_weights is None else (value.mean(-1) * row_weights).sum()
-
-
-class QuadraticForm(torch.autograd.Function):
-    """``y G y`` per row for a fixed symmetric ``G``; its backward is ``2 g (y G)`` from the forward's own
-    product, where autograd would take two more (the adversarial stage's largest cost)."""
-
-    @staticmethod
-    def forward(ctx, y, G):
-        u = y @ G
-        ctx.save_for_backward(u)
-        return (u * y).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        u, = ctx.saved_tensors
-        return 2 * grad.unsqueeze(-1) * u, None
