@@ -28,7 +28,8 @@ from ldm.erasure import methods
 from ldm.erasure.report import format_summary
 from ldm.erasure.settings import model_config_defaults, settings_table
 from ldm.identity import compvis_identity
-from ldm.leaderboard import FIGURES, leaderboard_markdown, save_figures
+from ldm.leaderboard import leaderboard_markdown
+from ldm.leaderboard_figures import FIGURES, save_figures
 from ldm.paths import REPO_ROOT, TINY_SD_DIR, outputs_dir
 from ldm.util import UsageError, atomic_write_text, file_sha256, json_sha256, load_config
 
