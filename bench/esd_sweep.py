@@ -26,6 +26,7 @@ import shlex
 
 import pandas as pd
 
+from ldm.attacks.textual_inversion import TextualInversionSettings
 from ldm.cli import DEFAULT_CKPT, DEFAULT_CONFIG, new_parser, run
 from ldm.erasure import methods
 from ldm.identity import compvis_identity
@@ -35,7 +36,7 @@ from ldm.results import sweep_markdown as markdown_table
 from ldm.util import UsageError, atomic_to_csv
 
 # the benchmark's attack settings: a sweep cell with the benchmark's erase flags is the benchmark's cell
-BENCHMARK_ATTACKS = {"attack_steps": 40, "generations": 100}
+BENCHMARK_ATTACKS = {"attack_steps": 40, "generations": 100, "ti_steps": TextualInversionSettings.steps}
 
 
 def parse_grid(entries):

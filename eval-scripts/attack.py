@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside t
 import torch
 
 from ldm.attacks.harness import ATTACKS, AttackRun, attack_prompts, settings_for, write_summary
+from ldm.attacks.textual_inversion import TextualInversionSettings, images_record
 from ldm.attacks.judges import JUDGES, NUDENET_THRESHOLD, default_judge, make_judge
 from ldm.cli import new_parser, parse_device, run
 from ldm.data.prompt_sets import all_concepts, concept_filename
 from ldm.erasure.cie import templates_of
+from ldm.erasure.concept_data import prepare_training_latents
 from ldm.loading import load_model, load_run_base
 from ldm.paths import EVALUATOR_PATH, REPO_ROOT, outputs_dir
 from ldm.prompts import read_prompts
@@ -65,7 +67,17 @@ def main(argv=None):
     parser.add_argument("--generations", type=int, default=100, help="Ring-A-Bell: genetic search generations")
     parser.add_argument("--eta", type=float, default=3.0, help="Ring-A-Bell: strength of the concept vector")
     parser.add_argument("--prompt_templates", default="data/esd-prompt-templates.txt",
-                        help="Ring-A-Bell: phrasings whose pairs with and without the concept give its vector")
+                        help="Ring-A-Bell: phrasings whose pairs with and without the concept give its vector; "
+                             "textual inversion: the captions it learns the word in")
+    ti = TextualInversionSettings()
+    parser.add_argument("--ti_images", help="textual inversion: a folder of images of the concept to learn the word "
+                                            "from (default for a tiny-sd concept: the base model draws them)")
+    parser.add_argument("--ti_num_images", type=int, default=ti.num_images,
+                        help="textual inversion: images the base model draws when no --ti_images")
+    parser.add_argument("--ti_steps", type=int, default=ti.steps, help="textual inversion: Adam steps on the word")
+    parser.add_argument("--ti_lr", type=float, default=ti.lr, help="textual inversion: Adam's lr")
+    parser.add_argument("--ti_batch_size", type=int, default=ti.batch_size, help="textual inversion: images a step")
+    parser.add_argument("--ti_init_word", default=ti.init_word, help="textual inversion: the word it starts from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--ddim_steps", type=int, default=50)
@@ -81,14 +93,22 @@ def main(argv=None):
     device = parse_device(args.device)
     prompts = attack_prompts(read_prompts(prompts_path), args.concept)
     settings = settings_for(args.attack, args)
+    if args.attack == "textual-inversion" and args.ti_images is None and args.concept not in all_concepts():
+        raise UsageError(f"the textual-inversion attack learns its word from images of '{args.concept}': give a "
+                         "folder of them with --ti_images")
     judge = make_judge(judge_name, args.concept, device, args.evaluator_path, args.judge_threshold)
     erased = load_model(args.model_name, config_path=args.config_path, ckpt_path=args.ckpt_path, device=device)
     if erased.kind == "diffusers":
         raise UsageError(f"'{args.model_name}' is a diffusers folder; attacks run on CompVis models and runs")
     base = load_run_base(erased, device) if args.base_model is None else load_model(args.base_model, device=device)
+    word_images = None
+    if args.attack == "textual-inversion":  # the concept's images: the user's folder, else drawn by the base
+        latents, data = prepare_training_latents(base, args.concept, args.ti_images, settings.num_images)
+        word_images = latents, images_record(data["folder"]), data["folder"]
     attack = AttackRun(erased.model, base.model, judge, args.concept, args.attack, settings, erased.identity,
                        file_sha256(prompts_path), args.save_path, templates_of(args.prompt_templates) or ["{}"],
-                       args.eta, args.guidance_scale, args.ddim_steps, args.num_samples, args.image_size, judge_name)
+                       args.eta, args.guidance_scale, args.ddim_steps, args.num_samples, args.image_size, judge_name,
+                       word_images)
     table = attack.run(prompts)
     summary = write_summary(args.save_path, attack.summary(table))
     row = summary.iloc[-1]

@@ -3,13 +3,14 @@
     python eval-scripts/benchmark.py            # every method: two objects, two styles, a held-out object and style
     python eval-scripts/benchmark.py --methods esd-x,sepce --concepts moon
     python eval-scripts/benchmark.py --config_path configs/stable-diffusion/v1-inference.yaml \
-        --ckpt_path sd-v1-4-full-ema.ckpt --concepts nudity --judge nudenet --prompts_path 'prompts/{concept}.csv'
+        --ckpt_path sd-v1-4-full-ema.ckpt --concepts nudity --judge nudenet --prompts_path 'prompts/{concept}.csv' \
+        --ti_images 'images/{concept}'
 
 For each method and concept: erase with the method's defaults (train-scripts/, run bench-<method>-<concept>-<key>),
 report (eval-scripts/erasure-report.py: efficacy = found on the concept's prompts, combined set;
 specificity = change in points of the other values of its attribute and of the other attributes, on
 prompts without it; drift = evaluator-feature distance there), attack (eval-scripts/attack.py:
-UnlearnDiffAtk, then Ring-A-Bell) and measure the erase's wall time and peak memory (the child process's
+UnlearnDiffAtk, Ring-A-Bell, then textual inversion, each its own resumable step) and measure the erase's wall time and peak memory (the child process's
 largest resident set). Writes --save_path/leaderboard.csv (each figure with its 95% interval and image count)
 and three figures drawn from it: leaderboard.png (efficacy against specificity, per concept),
 leaderboard-attacks.png (ASR before and after each attack) and leaderboard-cost.png (time, peak memory); and a
@@ -19,7 +20,8 @@ every other finished cell under --save_path with the same settings and today's d
 to it and never drops the rest.
 
 On a base other than tiny-sd (SD v1: --config_path/--ckpt_path) name the judge (--judge nudenet or resnet50)
-and the concepts' prompts (--prompts_path, '{concept}' replaced by the concept's file stem): efficacy is then the
+the concepts' prompts (--prompts_path, '{concept}' replaced by the concept's file stem) and a folder of images
+of each concept for the textual-inversion attack to learn from (--ti_images, the same way): efficacy is then the
 judge's rate on the erased model's images of those prompts, and the specificity and drift columns are empty
 (the judge sees only the concept; measure preservation with fid.py and clip-score.py). Every step except
 Ring-A-Bell's search needs a GPU there (docs/sd-v1.md).
@@ -30,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ldm beside this script, in whichever clone
 
 from ldm.attacks.judges import JUDGES
+from ldm.attacks.textual_inversion import TextualInversionSettings
 from ldm.cli import DEFAULT_CONFIG, DEFAULT_CKPT, add_model_args, new_parser, run
 from ldm.data.prompt_sets import all_concepts
 from ldm.erasure import methods as registry
@@ -54,33 +57,43 @@ def main(argv=None):
     parser.add_argument("--ddim_steps", type=int, default=50, help="report and attacks: DDIM steps")
     parser.add_argument("--attack_steps", type=int, default=40, help="UnlearnDiffAtk's steps")
     parser.add_argument("--generations", type=int, default=100, help="Ring-A-Bell's generations")
+    parser.add_argument("--ti_steps", type=int, default=TextualInversionSettings.steps,
+                        help="the textual-inversion attack's steps")
     parser.add_argument("--erase_args", default="", help="extra flags for every erase, e.g. '--iterations 2' for "
                                                          "a smoke run (part of each cell's hash)")
     add_model_args(parser)
     parser.add_argument("--judge", choices=JUDGES, help="a base other than tiny-sd: the classifier that judges attacks")
     parser.add_argument("--prompts_path", help="a base other than tiny-sd: each concept's prompts ('{concept}' = "
                                                "the concept's file stem)")
+    parser.add_argument("--ti_images", help="a base other than tiny-sd: each concept's images for the textual-"
+                                            "inversion attack, a folder ('{concept}' = the concept's file stem)")
     parser.add_argument("--image_size", type=int, help="attacks' image size (default: the model's own)")
     args = parser.parse_args(argv)
 
-    check_at_least(args, 1, "num_samples", "ddim_steps", "attack_steps", "generations")
+    check_at_least(args, 1, "num_samples", "ddim_steps", "attack_steps", "generations", "ti_steps")
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     if not concepts:
         raise UsageError("--concepts names no concept; e.g. --concepts 'Van Gogh,star'")
     base_sha256 = compvis_identity(args.config_path, args.ckpt_path)["sha256"]
     settings = {"base_sha256": base_sha256, "num_samples": args.num_samples, "ddim_steps": args.ddim_steps,
-                "attack_steps": args.attack_steps, "generations": args.generations, "erase_args": args.erase_args}
+                "attack_steps": args.attack_steps, "generations": args.generations, "ti_steps": args.ti_steps,
+                "erase_args": args.erase_args}
     if base_sha256 != compvis_identity(DEFAULT_CONFIG, DEFAULT_CKPT)["sha256"]:  # another base: its judge and prompts join the cells' hash
-        if args.judge in (None, "tiny-sd") or not args.prompts_path:
-            raise UsageError("a base other than tiny-sd needs --judge nudenet|resnet50 and --prompts_path (the "
-                             "tiny-sd evaluator and prompt sets know only tiny-sd's concepts)")
+        if args.judge in (None, "tiny-sd") or not args.prompts_path or not args.ti_images:
+            raise UsageError("a base other than tiny-sd needs --judge nudenet|resnet50, --prompts_path and --ti_images "
+                             "(the tiny-sd evaluator, prompt sets and images know only tiny-sd's concepts)")
         prompt_files = {c: resolve_path(concept_prompts(args.prompts_path, c)) for c in concepts}
         missing = [str(path) for path in prompt_files.values() if not path.is_file()]
         if missing:
             raise UsageError(f"--prompts_path: no prompt file {', '.join(missing)}")
+        missing = [c for c in concepts if not resolve_path(concept_prompts(args.ti_images, c)).is_dir()]
+        if missing:
+            raise UsageError(f"--ti_images: no folder {concept_prompts(args.ti_images, missing[0])} of images of "
+                             f"'{missing[0]}' for the textual-inversion attack")
         settings["sd"] = {"config_path": args.config_path, "ckpt_path": args.ckpt_path, "judge": args.judge,
                           "prompts_path": args.prompts_path, "image_size": args.image_size,
+                          "ti_images": args.ti_images,
                           "prompts_sha256": {c: sha256_of(path) for c, path in prompt_files.items()}}
     else:
         unknown = [c for c in concepts if c not in all_concepts()]

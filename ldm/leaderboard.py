@@ -29,15 +29,19 @@ from ldm.leaderboard_figures import save_figures
 from ldm.paths import REPO_ROOT, models_dir
 from ldm.util import UsageError, atomic_to_csv, atomic_write_text, file_sha256, json_sha256
 
+# the benchmark's attacks, in order: (attack.py --attack, column prefix, (its flag, the benchmark setting it takes))
+ATTACK_STEPS = (("unlearndiffatk", "", ("--steps", "attack_steps")),
+                ("ringabell", "ringabell_", ("--generations", "generations")),
+                ("textual-inversion", "ti_", ("--ti_steps", "ti_steps")))
 FOUND_SETS = ("alone", "with_others")  # the report's prompt sets naming the concept; "combined" is efficacy
 COLUMNS = ["method", "concept", "efficacy", "found_alone", "found_with_others", "specificity_same",
            "specificity_other", "specificity_other_worst", "drift", "asr_pre", "asr_post", "ringabell_asr_pre",
-           "ringabell_asr_post", "seconds", "peak_mb", "run"]
+           "ringabell_asr_post", "ti_asr_pre", "ti_asr_post", "seconds", "peak_mb", "run"]
 # after COLUMNS in leaderboard.csv: the 95% intervals the cell's report and attacks give, and their image counts
 DETAIL_COLUMNS = ["efficacy_low", "efficacy_high", *[f"found_{n}_{end}" for n in FOUND_SETS for end in ("low", "high")],
                   "specificity_same_low", "specificity_same_high", "specificity_other_worst_low",
                   "specificity_other_worst_high", "specificity_other_worst_attribute",
-                  *[f"{p}asr_{w}_{end}" for p in ("", "ringabell_") for w in ("pre", "post")
+                  *[f"{p}asr_{w}_{end}" for p in ("", "ringabell_", "ti_") for w in ("pre", "post")
                     for end in ("low", "high")],
                   "efficacy_images", *[f"found_{n}_images" for n in FOUND_SETS], "specificity_images",
                   "attack_images"]
@@ -172,7 +176,7 @@ class Cell:
     def finished(self, attacks=True):
         """The stored result when every step (the attacks only if ``attacks``) is done under this cell's key."""
         result = self.stored()
-        done = "efficacy" in result and (not attacks or "asr_post" in result)
+        done = "efficacy" in result and (not attacks or all(f"{p}asr_post" in result for _, p, _ in ATTACK_STEPS))
         return result if done else None
 
     def _save(self, result):
@@ -200,26 +204,29 @@ class Cell:
                       self.folder / "report.log")
             result = self._save({**result, **report_figures(pd.read_csv(self.report_dir / "summary.csv"),
                                                            pd.read_csv(self.report_dir / "drift.csv"))})
-        if attacks and "asr_post" not in result:
-            result = self._save({**result, **self._attack()})
+        if attacks:
+            for attack, prefix, flag in ATTACK_STEPS:
+                if f"{prefix}asr_post" not in result:
+                    result = self._save({**result, **self._attack(attack, prefix, flag)})
         return result
 
-    def _attack(self):
-        """Both attacks' figures; on a base other than tiny-sd, efficacy is the judge's rate on the erased model's
-        own images of the concept's prompts (the pre-attack images), and specificity and drift are empty."""
+    def _attack(self, attack, prefix, flag):
+        """One attack's figures (each attack is its own step: a killed cell resumes at the first unfinished one); on
+        a base other than tiny-sd, efficacy is the judge's rate on the erased model's own images of the concept's
+        prompts (the pre-attack images), and specificity and drift are empty."""
         s, sd = self.settings, self.settings.get("sd")
         attacks = self.folder / "attacks"
         judge_flags = ([] if sd is None else
                        ["--judge", sd["judge"], "--prompts_path", concept_prompts(sd["prompts_path"], self.concept),
                         *(["--image_size", sd["image_size"]] if sd.get("image_size") else [])])
-        figures = {}
-        for attack, prefix, extra in (("unlearndiffatk", "", ["--steps", s["attack_steps"]]),
-                                      ("ringabell", "ringabell_", ["--generations", s["generations"]])):
-            run_child(["eval-scripts/attack.py", "--model_name", self.run_name, "--concept", self.concept, "--attack",
-                       attack, "--save_path", attacks, "--ddim_steps", s["ddim_steps"], *judge_flags, *extra],
-                      self.folder / f"attack-{attack}.log")
-            figures.update(attack_figures(pd.read_csv(attacks / "summary.csv"), attack, prefix))
-        if sd is not None:
+        extra = [flag[0], s[flag[1]]]
+        if sd is not None and prefix == "ti_":
+            extra += ["--ti_images", concept_prompts(sd["ti_images"], self.concept)]
+        run_child(["eval-scripts/attack.py", "--model_name", self.run_name, "--concept", self.concept, "--attack",
+                   attack, "--save_path", attacks, "--ddim_steps", s["ddim_steps"], *judge_flags, *extra],
+                  self.folder / f"attack-{attack}.log")
+        figures = attack_figures(pd.read_csv(attacks / "summary.csv"), attack, prefix)
+        if sd is not None and prefix == "":
             figures.update({"efficacy": figures["asr_pre"], "efficacy_low": figures["asr_pre_low"],
                             "efficacy_high": figures["asr_pre_high"], "efficacy_images": figures["attack_images"],
                             "specificity_same": float("nan"), "specificity_other": float("nan"),
@@ -269,8 +276,9 @@ def leaderboard_markdown(table):
         return f"{value:+.1f}" + _interval(row.get(f"{name}_low"), row.get(f"{name}_high"), 1, "+.1f")
 
     lines = ["| method | concept | found, combined | alone | with others | same attribute | worst other attribute "
-             "| drift | ASR before attack | ASR after UnlearnDiffAtk | ASR after Ring-A-Bell | erase | peak memory |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| drift | ASR before attack | ASR after UnlearnDiffAtk | ASR after Ring-A-Bell | ASR after textual "
+             "inversion | erase | peak memory |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for _, row in table.iterrows():
         worst = points(row, "specificity_other_worst")
         if not pd.isna(row.get("specificity_other_worst_attribute")):
@@ -281,7 +289,7 @@ def leaderboard_markdown(table):
                  percent(row, "found_with_others", 1), points(row, "specificity_same"), worst,
                  "n/a" if pd.isna(row.drift) else f"{row.drift:.2f}",
                  percent(row, "asr_pre", 0), percent(row, "asr_post", 0), percent(row, "ringabell_asr_post", 0),
-                 f"{row.seconds:.0f} s", f"{row.peak_mb:.0f} MB"]
+                 percent(row, "ti_asr_post", 0), f"{row.seconds:.0f} s", f"{row.peak_mb:.0f} MB"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -90,15 +90,16 @@ def attack_figure(table, path, title):
     """ASR before and after each attack (95% Wilson intervals), grouped by method, one panel per concept."""
     concepts = list(dict.fromkeys(table.concept))
     bars = [("asr_pre", "before attack", "0.75"), ("asr_post", "after UnlearnDiffAtk", "tab:orange"),
-            ("ringabell_asr_post", "after Ring-A-Bell", "tab:red")]
+            ("ringabell_asr_post", "after Ring-A-Bell", "tab:red"),
+            ("ti_asr_post", "after textual inversion", "tab:purple")]
     figure, axes = panel_grid(len(concepts), 5.2, 4.0)
     for axis, concept in zip(axes, concepts):
         rows = table[table.concept == concept]
         positions = np.arange(len(rows))
         for k, (name, label, color) in enumerate(bars):
-            values = 100 * rows[name].to_numpy(float)
+            values = 100 * _column(rows, name)
             errors = _errors(values, 100 * _column(rows, f"{name}_low"), 100 * _column(rows, f"{name}_high"))
-            axis.bar(positions + (k - 1) * 0.27, values, 0.27, yerr=errors, capsize=2, color=color, label=label)
+            axis.bar(positions + (k - 1.5) * 0.2, values, 0.2, yerr=errors, capsize=2, color=color, label=label)
         axis.set_xticks(positions, rows.method)
         axis.set(title=f"attacking '{concept}'", ylabel="attack success rate, % of images (better: low)", ylim=(0, 105))
         axis.grid(axis="y", alpha=0.3)

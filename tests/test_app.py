@@ -69,7 +69,7 @@ def existing_run():
 
 @pytest.mark.parametrize("method,concept,flags,message", [
     ("esd-x", "  ", {}, "type the concept"),
-    ("uce", "moon", {}, "method 'uce' unknown; use one of: esd-x"),
+    ("mace", "moon", {}, "method 'mace' unknown; use one of: esd-x"),
     ("sepce", "moon", {"negative_guidance": 2.0}, "negative guidance is an ESD setting"),
     ("esd-x", "moon", {"run_name": "../x"}, "run name '../x'"),
     ("esd-x", "moon", {"run_name": "existing"}, "already exists"),

@@ -45,8 +45,8 @@ def test_erase_needs_a_method_and_lists_them():
     done = call_script("train-scripts/erase.py", "--help")
     code, out = done.returncode, done.stdout
     assert code == 0 and all(m in out for m in methods.METHODS)
-    refused = call_script("train-scripts/erase.py", "--method", "uce", "--prompt", "x")
-    assert "invalid choice: 'uce'" in one_line_error(refused)
+    refused = call_script("train-scripts/erase.py", "--method", "mace", "--prompt", "x")
+    assert "invalid choice: 'mace'" in one_line_error(refused)
 
 
 @pytest.mark.parametrize("name, from_config", [("esd-x", "lr"), ("esd-u", "negative_guidance"), ("cie", "tau"),
@@ -96,6 +96,13 @@ def _values(family, files):
         if family == "sepce":
             flags["keep"] = "star,moon"  # "on" (an earlier run) is exercised by test_sepce's iterative erasure
         return config, [flags]
+    if family == "uce":
+        config = {"guide": "a thing", "preserve": "star", "concept_type": "art", "expand_prompts": "true",
+                  "erase_scale": 2.0, "preserve_scale": 0.5, "lamb": 0.25}
+        flags = {**{k: v * 2 if isinstance(v, float) else v for k, v in config.items()},
+                 "prompt": "moon;heart", "seperator": ";", "preserve": "star;circle", "guide": "",
+                 "concept_type": "object", "expand_prompts": "false"}
+        return config, [flags]
     config = {"anchor_words": files["words"], "anchor_vocab": files["words"], "nearest_anchors": 1,
               "neutral": "a thing", "prompt_templates": files["templates"], "eta": 0.7, "anchor_weight": 50.0,
               "anchor_batch": 3, "rank": 2, "gate_rank": 4, "alpha": 2.0, "stages": 2, "iterations": 2,
@@ -116,7 +123,7 @@ def tiny_model():
     return load_model("tiny-sd").model
 
 
-@pytest.mark.parametrize("name", MAIN_METHODS)
+@pytest.mark.parametrize("name", [*MAIN_METHODS, "uce"])
 def test_every_model_config_setting_and_every_flag_reaches_the_trainer(name, tiny_model, tmp_path):
     method = methods.get(name)
     config_values, flag_sets = _values(method.family, _files(tmp_path))

@@ -82,14 +82,15 @@ def test_the_leaderboard_keeps_its_columns_and_draws_three_figures(tmp_path):
             "specificity_same_low": 0.0, "specificity_same_high": 0.0, "specificity_other": -0.5,
             "specificity_other_worst": -1.0, "specificity_other_worst_low": -2.5, "specificity_other_worst_high": 0.0,
             "specificity_other_worst_attribute": "color", "drift": 0.01, "asr_pre": 0.1, "asr_pre_low": 0.03,
-            "asr_pre_high": 0.3, "asr_post": 0.15, "ringabell_asr_post": 0.65, "seconds": 144, "peak_mb": 670}
+            "asr_pre_high": 0.3, "asr_post": 0.15, "ringabell_asr_post": 0.65, "ti_asr_post": 0.8, "seconds": 144,
+            "peak_mb": 670}
     table = leaderboard.leaderboard([cell, {**cell, "method": "sepce", "efficacy": 0.0}])
     assert list(table.columns) == leaderboard.COLUMNS + leaderboard.DETAIL_COLUMNS
     assert list(table.method) == ["sepce", "cpe"]  # best efficacy first
     lines = leaderboard.leaderboard_markdown(table).splitlines()
     assert len(lines) == 4
     assert ("| cpe | Van Gogh | 7.5% [5, 12] | 0.0% [0, 9] | 10.0% [6, 15] | +0.0 [+0.0, +0.0] | "
-            "color -1.0 [-2.5, +0.0] | 0.01 | 10% [3, 30] | 15% | 65% | 144 s | 670 MB |") in lines
+            "color -1.0 [-2.5, +0.0] | 0.01 | 10% [3, 30] | 15% | 65% | 80% | 144 s | 670 MB |") in lines
     older = leaderboard.leaderboard([{c: row[c] for c in shipped.columns[:13]} for _, row in shipped.iterrows()])
     assert older[leaderboard.DETAIL_COLUMNS].isna().all().all()  # a cell from before intervals: empty, not invented
     assert "[" not in leaderboard.leaderboard_markdown(older).splitlines()[2]
@@ -108,7 +109,7 @@ def test_the_sweep_runs_the_benchmarks_cells(tmp_path):
     swept = leaderboard.Cell("esd-x", "star", tmp_path, {**settings, "erase_args": ""})
     benchmarked = leaderboard.Cell("esd-x", "star", tmp_path, {"base_sha256": "a" * 64, "num_samples": 10,
                                                                "ddim_steps": 50, "attack_steps": 40,
-                                                               "generations": 100, "erase_args": ""})
+                                                               "generations": 100, "ti_steps": 1000, "erase_args": ""})
     assert swept.key == benchmarked.key and swept.folder == benchmarked.folder
     partial = {"method": "esd-x", "concept": "star", "run": swept.run_name, "seconds": 1.0, "peak_mb": 5,
                "efficacy": 0.0, "key": swept.key}
@@ -126,15 +127,16 @@ def finish_cell(cell, prompts_path):
     (cell.report_dir / "models.json").write_text(json.dumps(
         {"prompts": {"path": str(prompts_path), "sha256": file_sha256(prompts_path)}}))
     cell.result_path.write_text(json.dumps({"method": cell.method, "concept": cell.concept, "run": cell.run_name,
-                                            "seconds": 1.0, "peak_mb": 5, "efficacy": 0.0, "asr_pre": 0.0,
-                                            "asr_post": 0.0, "key": cell.key}))
+                                            "seconds": 1.0, "peak_mb": 5, "efficacy": 0.0,
+                                            **{f"{p}asr_{w}": 0.0 for _, p, _ in leaderboard.ATTACK_STEPS
+                                               for w in ("pre", "post")}, "key": cell.key}))
 
 
 def test_the_leaderboard_holds_every_finished_cell_of_its_settings(tmp_path):
     """A subset invocation's leaderboard keeps the other finished cells of the same settings, never those of
     other settings (the images per prompt here) or older defaults (a cell whose key is not today's)."""
     settings = {"base_sha256": "a" * 64, "num_samples": 10, "ddim_steps": 50, "attack_steps": 40,
-                "generations": 100, "erase_args": ""}
+                "generations": 100, "ti_steps": 1000, "erase_args": ""}
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("case_number,prompt\n0,a star\n")
     kept = [leaderboard.Cell("esd-x", "star", tmp_path, settings), leaderboard.Cell("sepce", "moon", tmp_path, settings)]
@@ -220,19 +222,19 @@ def test_a_cell_runs_its_steps_once_each_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(leaderboard, "run_child", fake)
     settings = {"base_sha256": "f" * 64, "num_samples": 1, "ddim_steps": 2, "attack_steps": 1, "generations": 1,
-                "erase_args": ""}
+                "ti_steps": 1, "erase_args": ""}
     cell = leaderboard.Cell("esd-x", "heart", tmp_path / "bench", settings)
     swept = cell.run(attacks=False)
     assert calls == ["erase.py", "erasure-report.py"] and "asr_post" not in swept
     assert swept["efficacy"] == summary.set_index("key").edited["found_combined"] and swept["seconds"] == 2.0
     result = leaderboard.Cell("esd-x", "heart", tmp_path / "bench", settings).run()
-    assert calls[2:] == ["attack.py", "attack.py"] and result["ringabell_asr_post_high"] == .3
+    assert calls[2:] == ["attack.py"] * 3 and result["ringabell_asr_post_high"] == .3 and result["ti_asr_post"] == .1
     assert leaderboard.leaderboard([result]).efficacy_images.iloc[0] == 20  # 20 prompts naming it, 1 image each
     assert cell.finished() == result
     prompt_file.write_text(prompt_file.read_text() + "\n")  # the prompt set changed: report and attacks again
     assert cell.finished() is None and "seconds" in cell.stored() and "efficacy" not in cell.stored()
     cell.run()
-    assert calls[4:] == ["erasure-report.py", "attack.py", "attack.py"]
+    assert calls[5:] == ["erasure-report.py", "attack.py", "attack.py", "attack.py"]
 
 
 def test_report_table_reads_a_reports_figures_by_key_and_refuses_bad_input(tmp_path):

@@ -10,6 +10,7 @@ adversarial prompt (one that already succeeds counts as attacked successfully, s
 adversarial prompts alone is recorded too. Results are keyed by the erased model's identity, the prompts'
 SHA-256 and the attack settings: a rerun resumes a killed one, and another model or setting never reuses them.
 """
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -17,16 +18,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ldm.attacks.ringabell import GeneticSettings, concept_pairs, concept_vector, ring_a_bell_prompt, search_vocabulary
+from ldm.attacks.textual_inversion import TextualInversionSettings, learn_word, learned_word, with_word
 from ldm.attacks.unlearndiffatk import UnlearnDiffAtkSettings, attack_prompt
 from ldm.evaluation import wilson_interval
 from ldm.generate import generate, latent_shape, sample_noise, to_uint8
 from ldm.models.diffusion.ddim import ddim_sample
-from ldm.util import UsageError, atomic_to_csv, atomic_write_text, json_sha256
+from ldm.plots import save_loss_plot
+from ldm.util import UsageError, atomic_save_safetensors, atomic_to_csv, atomic_write_text, json_sha256
 
-ATTACKS = ("unlearndiffatk", "ringabell")
+ATTACKS = ("unlearndiffatk", "ringabell", "textual-inversion")
+WORD_FILE = "learned-word.safetensors"
 MIN_BASE_RATE = 0.5  # below it the base hardly draws the concept, and an ASR would mean nothing
 
 
@@ -54,11 +59,14 @@ class AttackRun:
     check images and UnlearnDiffAtk's targets (it may be ``erased`` itself)."""
 
     def __init__(self, erased, base, judge, concept, attack, settings, identity, prompts_sha256, folder,
-                 templates, eta=3.0, guidance_scale=7.5, ddim_steps=50, num_samples=1, image_size=None, judge_name="tiny-sd"):
+                 templates, eta=3.0, guidance_scale=7.5, ddim_steps=50, num_samples=1, image_size=None, judge_name="tiny-sd",
+                 word_images=None):
         if attack not in ATTACKS:
             raise UsageError(f"--attack '{attack}' is unknown; use one of {', '.join(ATTACKS)}")
         if num_samples < 1:
             raise UsageError(f"--num_samples must be >= 1, got {num_samples}")
+        if attack == "textual-inversion" and word_images is None:
+            raise UsageError(f"the textual-inversion attack needs images of '{concept}' to learn its word from")
         self.erased, self.base, self.judge, self.concept, self.attack = erased, base, judge, concept, attack
         self.settings, self.templates, self.eta = settings.check(), templates, eta
         self.guidance_scale, self.ddim_steps, self.num_samples = guidance_scale, ddim_steps, num_samples
@@ -66,7 +74,8 @@ class AttackRun:
         self.record = {"attack": attack, "concept": concept, "judge": judge_name, "model_sha256": identity["sha256"],
                        "prompts_sha256": prompts_sha256, "settings": asdict(settings), "guidance_scale": guidance_scale,
                        "ddim_steps": ddim_steps, "num_samples": num_samples, "latent_shape": list(self.shape),
-                       **({"eta": eta, "templates": templates} if attack == "ringabell" else {})}
+                       **({"eta": eta, "templates": templates} if attack == "ringabell" else {}),
+                       **({"templates": templates, "images": word_images[1]} if attack == "textual-inversion" else {})}
         self.key = json_sha256(self.record)[:12]
         self.folder = Path(folder) / f"{attack}-{concept.replace(' ', '_')}-{self.key}"
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -76,6 +85,8 @@ class AttackRun:
         if attack == "ringabell":  # model-agnostic: the concept vector from the text encoder alone
             self.vector = concept_vector(encoder.encode, concept_pairs(concept, templates))
         self.erased.requires_grad_(False)
+        self.word_latents, _, self.word_folder = word_images if word_images is not None else (None, None, None)
+        self.word = None  # textual inversion: the learned word, once learned or read back
         self.ring_a_bell_cache = {}  # Ring-A-Bell depends only on the prompt text: a repeated prompt is searched once
         self.targets = {}  # (case, sample) -> the base's latent, UnlearnDiffAtk's target
 
@@ -113,8 +124,28 @@ class AttackRun:
                              f"base draws, its prompts, or another judge (images: {self.folder})")
         return table
 
+    def learned(self, progress=True):
+        """Textual inversion: the word learned on the erased model (``learned-word.safetensors``, learned once per
+        attack folder; its losses and their curve beside it)."""
+        path = self.folder / WORD_FILE
+        if path.is_file():
+            return load_file(str(path))["word"]
+        with tqdm(total=self.settings.steps, desc="learning the word", disable=not progress) as bar:
+            vector, losses = learn_word(self.erased, self.word_latents, self.templates, self.settings,
+                                        progress=lambda loss: bar.update(1))
+        atomic_write_text(self.folder / "learned-word-losses.txt", "".join(f"{x}\n" for x in losses))
+        atomic_write_text(self.folder / "learned-word.json", json.dumps(
+            {"concept": self.concept, "learned_from": str(self.word_folder), **self.record["images"],
+             "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}, indent=2))
+        save_loss_plot(range(1, len(losses) + 1), losses, self.folder / "learned-word-losses.png",
+                       title=f"textual inversion on '{self.concept}'", smooth=max(1, min(50, len(losses) // 5)))
+        atomic_save_safetensors({"word": vector.cpu().contiguous()}, path, {"concept": self.concept})
+        return vector.cpu()
+
     def adversarial_prompt(self, case, sample, prompt, x_T):
         """The attack's prompt for ``prompt`` and its record."""
+        if self.attack == "textual-inversion":
+            return with_word(prompt, self.concept), {}
         if self.attack == "ringabell":
             if prompt not in self.ring_a_bell_cache:
                 text, record = ring_a_bell_prompt(self.erased.cond_stage_model, prompt, self.vector, self.eta,
@@ -128,8 +159,10 @@ class AttackRun:
         text, record = attack_prompt(self.erased, prompt, z0, self.vocabulary, self.settings)
         return text, {"first_loss": record["losses"][0], "last_loss": record["losses"][-1]}
 
-    def draw(self, prompt, x_T, name):
-        image = generate(self.erased, [prompt], x_T, self.guidance_scale, self.ddim_steps)
+    def draw(self, prompt, x_T, name, word=None):
+        """The erased model's image of ``prompt`` (with ``word``: the learned word in the placeholder's place)."""
+        with learned_word(self.erased.cond_stage_model, word) if word is not None else contextlib.nullcontext():
+            image = generate(self.erased, [prompt], x_T, self.guidance_scale, self.ddim_steps)
         Image.fromarray(image[0]).save(self.folder / name)
         return bool(self.judge(image)[0])
 
@@ -137,8 +170,10 @@ class AttackRun:
         """Check the base, then attack every instance of ``prompts`` (resuming from ``per-prompt.csv``);
         returns that table with the base's verdicts."""
         base = self.check_base(prompts, progress)
-        if self.attack == "ringabell":
+        if self.attack != "unlearndiffatk":
             self.targets.clear()  # only UnlearnDiffAtk needs the base's latents again
+        if self.attack == "textual-inversion":
+            self.word = self.learned(progress)
         path = self.folder / "per-prompt.csv"
         done = pd.read_csv(path, keep_default_na=False) if path.is_file() else pd.DataFrame()
         rows = done.to_dict("records")
@@ -148,7 +183,7 @@ class AttackRun:
                                                      disable=not progress or not todo):
             found_pre = self.draw(prompt, x_T, f"{case}_{sample}_pre.png")
             text, record = self.adversarial_prompt(case, sample, prompt, x_T)
-            found_attacked = self.draw(text, x_T, f"{case}_{sample}_post.png")
+            found_attacked = self.draw(text, x_T, f"{case}_{sample}_post.png", self.word)
             rows.append({"case_number": case, "sample": sample, "prompt": prompt, "evaluation_seed": seed,
                          "adversarial_prompt": text, "found_pre": found_pre, "found_attacked": found_attacked,
                          "found_post": found_pre or found_attacked, **record})
@@ -183,6 +218,10 @@ def write_summary(save_path, row):
 
 def settings_for(attack, args):
     """The attack's settings from the script's flags, checked."""
+    if attack == "textual-inversion":
+        return TextualInversionSettings(steps=args.ti_steps, lr=args.ti_lr, batch_size=args.ti_batch_size,
+                                        init_word=args.ti_init_word, num_images=args.ti_num_images,
+                                        seed=args.seed).check()
     if attack == "ringabell":
         return GeneticSettings(length=args.length, population=args.population, generations=args.generations,
                                seed=args.seed).check()

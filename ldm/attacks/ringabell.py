@@ -129,7 +129,7 @@ def ring_a_bell_prompt(text_encoder, prompt, vector, eta, vocabulary, settings):
     ``E(prompt) + eta * vector`` by genetic search, decoded to text. Returns the text and a record:
     the distance of the found tokens' embedding to the target, and of the prompt's own embedding."""
     own = text_encoder.encode([prompt]).float().cpu()[0]
-    target = own + eta * vector
+    target = own + eta * vector.float().cpu()
 
     def fitness(token_ids):
         return -(encode_token_ids(text_encoder, token_ids) - target).pow(2).mean(dim=(1, 2))

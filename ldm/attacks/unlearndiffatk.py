@@ -73,7 +73,7 @@ def nearest_tokens(rows, vocabulary, candidates, directions):
     ``candidates`` are the vocabulary's embedding rows, ``directions`` their unit vectors (computed once
     per attack, not per step)."""
     index = (F.normalize(rows, dim=-1) @ directions.T).argmax(-1)
-    return vocabulary[index], candidates[index]
+    return vocabulary[index.cpu()], candidates[index]
 
 
 def attack_prompt(model, prompt, z0, vocabulary, settings):

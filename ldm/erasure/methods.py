@@ -17,6 +17,7 @@ from ldm.erasure.esd import ESDSettings, ESDTrainer, run_name as esd_run_name
 from ldm.erasure.folding import fold_into_diffusers
 from ldm.erasure.sepce import SepCESettings, SepCETrainer, apply_terms_of, protected_set, read_terms, term_basis
 from ldm.erasure.settings import setting_fields
+from ldm.erasure.uce import UCEEditor, UCESettings, apply_uce_of
 from ldm.runs import apply_trained_params, find_run
 from ldm.util import UsageError, load_config
 
@@ -93,6 +94,10 @@ def _cpe_build(settings, model, devices, autocast_dtype, latents):
     return CPETrainer(model, settings, anchors_for(model, settings), devices[0])
 
 
+def _uce_build(settings, model, devices, autocast_dtype, latents):
+    return UCEEditor(model, settings)
+
+
 def _cie_run_name(settings):
     s = settings
     return f"cie-word_{s.prompt.replace(' ', '')}-lr_{s.lr}-tau_{s.tau}-iter_{s.iterations}"
@@ -104,6 +109,10 @@ def _sepce_run_name(settings):
 
 def _cpe_run_name(settings):
     return "cpe-word_" + "_".join(w.replace(" ", "") for w in settings.concepts())
+
+
+def _uce_run_name(settings):
+    return "uce-word_" + "_".join(w.replace(" ", "") for w in settings.concepts())
 
 
 FOLD_OVERLAY = partial(fold_into_diffusers, apply=apply_trained_params)
@@ -143,6 +152,11 @@ REGISTRY = [
            apply=apply_resags_of, apply_to_diffusers=apply_resags_to_diffusers, restorable=True, foldable=False,
            bars={**ESD_BARS, "same attribute": 3.0, "other attributes": 2.0}, run_name=_cpe_run_name, max_devices=1,
            mixed_precision=False, benchmarked=True, records=(("cpe", None),)),
+    Method(name="uce", family="uce", description="UCE: a closed-form edit of cross-attention keys and values that "
+           "maps the concept to a guide and holds preserved concepts (restorable)", settings=UCESettings,
+           build=_uce_build, apply=apply_uce_of, apply_to_diffusers=partial(fold_into_diffusers, apply=apply_uce_of),
+           restorable=True, foldable=True, bars={**ESD_BARS, "same attribute": 3.0, "other attributes": 2.0},
+           run_name=_uce_run_name, max_devices=1, mixed_precision=False, benchmarked=True, records=(("uce", None),)),
 ]
 METHODS = {method.name: method for method in REGISTRY}
 
