@@ -103,6 +103,7 @@ def test_relative_l1_weight_is_calibrated_on_the_first_step_per_concept(tiny, ne
 FAST = ["--iterations", 2, "--num_images", 2, "--batch_size", 1, "--devices", "cpu", "--no_diffusers", "--no_samples"]
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_scripts_record_each_terms_own_l1_weight(run_name):
     """train-sepce.py twice (--on) with --l1_scale relative: each term records its own lambda."""
     first, second = f"{run_name}-a", f"{run_name}-b"

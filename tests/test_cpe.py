@@ -350,6 +350,7 @@ FAST = ["--iterations", 2, "--stages", 2, "--first_stage_factor", 1, "--adv_embe
         "--no_diffusers", "--no_samples"]
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_train_two_concepts_restore_one_then_the_last_gives_the_base(run_name):
     two, one, none = (f"{run_name}-{x}" for x in ("two", "one", "none"))
     done = call_script("train-scripts/train-cpe.py", "--prompt", "Van Gogh,moon", "--seperator", ",", *FAST,
@@ -371,6 +372,7 @@ def test_train_two_concepts_restore_one_then_the_last_gives_the_base(run_name):
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), base.state_dict().values()))
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_a_restored_run_is_the_single_run_of_the_first_concept_and_a_gate_floor_makes_it_exact(run_name):
     """Restoring the second concept of a two-concept run leaves exactly the one-concept run of the first (same
     start, same draws); its gate is small but not zero on the restored concept's prompts, and ``--gate_floor``

@@ -215,6 +215,7 @@ def test_report_bad_input_is_one_line(tmp_path, small_config, small_config_path,
     assert "--force_base" in one_line_error(_report(run_dir, prompts, tmp_path, "--base_model", run_dir))
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_each_concept_of_a_two_concept_run_gets_its_own_report(run_name, tmp_path):
     """Reports on the concepts of a run that erased several never overwrite each other."""
     prompts, save_path = tmp_path / "set.csv", tmp_path / "erasure"

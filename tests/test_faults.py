@@ -120,7 +120,7 @@ def test_generation_values_are_checked_before_anything_is_written(flags, message
 @pytest.mark.parametrize("flags, message", [(["--concepts", "banana"], "tiny-sd does not know banana"),
                                             (["--num_samples", 0], "--num_samples must be >= 1"),
                                             (["--num_samples", -3], "--num_samples must be >= 1"),
-                                            (["--methods", "esd-x,uce"], "unknown uce"),
+                                            (["--methods", "esd-x,mace"], "unknown mace"),
                                             (["--methods", "esd-x", "--erase_args", "--lrr 3"],
                                              "unrecognized arguments: --lrr 3")])
 def test_benchmark_values_are_checked_before_any_erase(flags, message, tmp_path):

@@ -56,6 +56,7 @@ def test_identity_is_the_hash_of_the_files(small_config_path, own_ckpt, tmp_path
     assert changed.identity["files"]["checkpoint"] != first.identity["files"]["checkpoint"]
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_retrained_weights_or_an_edited_csv_never_reuse_images(small_config_path, own_ckpt, tmp_path):
     csv = tmp_path / "prompts.csv"
     csv.write_text(CSV)

@@ -145,6 +145,7 @@ def test_min_snr_loss_counts_easy_timesteps_less(small_config):
     assert weighted < logs["train/loss_simple"]  # the low-noise sample counts less
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_fit_resumes_and_keeps_the_loss_history(small_config, tmp_path):
     from ldm.training import fit
     import pandas as pd

@@ -192,6 +192,7 @@ TRAIN = {"esd-x": ("train-esd.py", ["--train_method", "xattn", "--iterations", 2
 CONCEPT = {"esd-x": "moon", "esd-u": "moon", "cie": "heart", "sepce": "heart", "cpe": "moon"}
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 @pytest.mark.parametrize("name", MAIN_METHODS)
 def test_each_script_and_erase_py_write_the_same_weights(name):
     script, flags = TRAIN[name]

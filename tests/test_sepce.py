@@ -207,6 +207,7 @@ def test_images_of_a_folder_encode_to_latents(tiny, tmp_path):
 FAST = ["--iterations", 3, "--num_images", 2, "--batch_size", 1, "--devices", "cpu", "--no_diffusers", "--no_samples"]
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_scripts_erase_iteratively_restore_and_load(run_name, tmp_path):
     """train-sepce.py twice (--on), restore-concept.py, then every run loads through load_model; preservation.py
     on the restored run; CiE too."""

@@ -22,6 +22,7 @@ def esd_run():
     shutil.rmtree(models_dir() / RUN, ignore_errors=True)
 
 
+@pytest.mark.slow  # an end-to-end run of the scripts: the slow tier
 def test_exported_run_loads_in_diffusers_single_file_and_draws_the_same(esd_run, tmp_path):
     from diffusers import StableDiffusionPipeline
     from ldm.convert import save_diffusers

@@ -145,6 +145,16 @@ def test_sd_v1_shapes(tmp_path):
     assert all(after[n].shape == before[n].shape and not torch.equal(after[n], before[n]) for n in before)
 
 
+def test_phrasings_from_a_file_end_with_the_concept_and_the_guide_fills_them_too(new_tiny, tmp_path):
+    phrasings = tmp_path / "phrasings.txt"
+    phrasings.write_text("# ours\na picture of {}\n{}, detailed\nart by {}\n")
+    settings = UCESettings(prompt="moon", guide="", expand_prompts=str(phrasings)).check()
+    assert settings.phrasings() == ["{}", "a picture of {}", "art by {}"]
+    term = build_terms(new_tiny(), settings)[0]
+    assert term["erase_prompts"] == ["moon", "a picture of moon", "art by moon"]
+    assert term["guide_prompts"] == ["", "a picture of", "art by"] and term["erase"].shape[0] == 3
+
+
 def test_terms_of_another_text_width_are_one_line(new_tiny, tmp_path):
     model = new_tiny()
     terms = build_terms(model, UCESettings(prompt="moon").check())
@@ -160,7 +170,7 @@ def test_terms_of_another_text_width_are_one_line(new_tiny, tmp_path):
     (["--prompt", "moon", "--lamb", "0"], "--lamb must be > 0"),
     (["--prompt", "moon", "--erase_scale", "-1"], "--erase_scale must be >= 0"),
     (["--prompt", "Monet", "--preserve", "concept-world"], "is for tiny-sd's concepts"),
-    (["--prompt", "moon", "--expand_prompts", "yes"], "invalid choice"),
+    (["--prompt", "moon", "--expand_prompts", "no/such/phrasings.txt"], "does not exist"),
 ])
 def test_bad_input_is_one_line(flags, message, run_name):
     line = one_line_error(call_script("train-scripts/erase.py", "--method", "uce", *flags, *FAST,

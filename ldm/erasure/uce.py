@@ -15,7 +15,7 @@ loading solves for ``T`` from the run's terms and folds ``W T`` into each weight
 
 Departures from the public code (``trainscripts/uce_sd_erase.py``), each stated in docs/methods/uce.md: ``T`` is
 solved once in float64 (the code inverts ``M`` in float32 once per layer: the same matrix, less exact); the
-concept-world guide, preserve set and prompt expansion are tiny-sd's (its config sets them), the code's choices
+``concept-world`` guide and preserve set name tiny-sd's own words (its config sets the guide), the code's choices
 stay the defaults for every other model.
 """
 import json
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm.erasure.cpe_prompts import CONCEPT_WORLD, check_concept_world, fill, neutral_of
-from ldm.erasure.esd import concept_words
+from ldm.erasure.esd import concept_words, read_prompt_templates
 from ldm.erasure.settings import MethodSettings, setting
 from ldm.erasure.trainer import ErasureTrainer
 from ldm.runs import read_term, save_term, term_files
@@ -57,9 +57,10 @@ class UCESettings(MethodSettings):
                                   "erased concept's attribute; none: nothing held")
     concept_type: str = setting("object", "the public code's --concept_type: the default guide and the phrasings "
                                           "of --expand_prompts true", choices=("object", "art"))
-    expand_prompts: str = setting("false", "also edit the concept in the public code's five phrasings per "
-                                           "--concept_type ('painting by {}', ...; 'image of {}', ...)",
-                                  choices=("false", "true"))
+    expand_prompts: str = setting("false", "also edit the concept in phrasings: false; true (the public code's five "
+                                           "per --concept_type: 'painting by {}', ...; 'image of {}', ...); or a "
+                                           "file, one phrasing a line with {} where the concept goes (ours)",
+                                  metavar="false|true|FILE")
     erase_scale: float = setting(1.0, "weight of mapping each erased concept to its guide")
     preserve_scale: float = setting(1.0, "weight of holding each preserved concept")
     lamb: float = setting(0.5, "weight of the old weights (lambda)")
@@ -93,7 +94,7 @@ class UCESettings(MethodSettings):
             return []
         if str(self.preserve).strip().lower() == CONCEPT_WORLD:
             check_concept_world(concept, "--preserve")
-            return [p for p in protected_prompts(concept)[1:]]
+            return protected_prompts(concept)[1:]
         return [p for p in self._split(self.preserve) if p]
 
     def check(self):
@@ -116,11 +117,16 @@ class UCESettings(MethodSettings):
                 raise UsageError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.lamb > 0:
             raise UsageError(f"--lamb must be > 0 (it keeps the solve invertible), got {self.lamb}")
+        self.phrasings()  # a missing or malformed phrasings file is one line now, before any model loads
         return self
 
     def phrasings(self):
-        """The prompts a concept is edited in, ``{}`` where it goes: the bare word, then the public code's five."""
-        return ["{}", *(EXPANSIONS[self.concept_type] if self.expand_prompts == "true" else [])]
+        """The prompts a concept is edited in, ``{}`` where it goes: the bare word, then the expansion's, each cut
+        after the concept (UCE edits a prompt's last token, so the concept must end it: "{}, detailed" is "{}")."""
+        flag = str(self.expand_prompts).strip()
+        extra = [] if flag.lower() == "false" else EXPANSIONS[self.concept_type] if flag.lower() == "true" else \
+            read_prompt_templates(flag)
+        return list(dict.fromkeys(["{}", *(" ".join(p.split("{}")[0].split() + ["{}"]) for p in extra)]))
 
 
 @torch.no_grad()
